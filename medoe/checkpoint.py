@@ -1,0 +1,117 @@
+"""Checkpoint directories: `model.safetensors` + `config.json` + `class_stats.json`.
+
+A directory is written whole into a temporary sibling and renamed into place, so a reader
+(or a crash mid-save) sees either the previous checkpoint or the new one, never a mix.
+Weights are safetensors and the optional training state is read with `weights_only=True`:
+loading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medoe.class_stats import ClassStats
+from medoe.config import MEDOEConfig
+from medoe.model import SegmentationModel, build_model
+
+WEIGHTS, CONFIG, CLASS_STATS, TRAIN_STATE = "model.safetensors", "config.json", "class_stats.json", "train_state.pt"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class Checkpoint(NamedTuple):
+    model: SegmentationModel
+    config: MEDOEConfig
+    class_stats: ClassStats | None
+    train_state: dict[str, Any] | None
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: SegmentationModel,
+    class_stats: ClassStats | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS), metadata={"format": "medoe"})
+        model.config.save(staging / CONFIG)
+        if class_stats is not None:
+            class_stats.save(staging / CLASS_STATS)
+        if train_state is not None:
+            torch.save(train_state, staging / TRAIN_STATE)
+        for path in staging.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        _swap_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_into_place(staging: Path, directory: Path) -> None:
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+    os.replace(directory, retired / directory.name)
+    os.replace(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", train_state: bool = False) -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    for name in (WEIGHTS, CONFIG):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not a checkpoint: {name} is missing")
+    try:
+        config = MEDOEConfig.load(directory / CONFIG)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{directory / CONFIG}: {err}") from None
+    # Rebuild without the ImageNet file: the checkpoint's weights replace it anyway.
+    config = config.replace(pretrained="")
+    try:
+        weights = load_file(str(directory / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{directory / WEIGHTS} is not a readable safetensors file: {err}") from None
+    model = build_model(config).to(device)
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{directory / WEIGHTS} does not match its config.json: {str(err).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not match its config.json: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    stats = None
+    if (directory / CLASS_STATS).is_file():
+        try:
+            stats = ClassStats.load(directory / CLASS_STATS)
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{directory / CLASS_STATS}: {err}") from None
+    state = None
+    if train_state and (directory / TRAIN_STATE).is_file():
+        try:
+            state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+        except Exception as err:  # an unpickling refusal or a torn file: both mean "not usable"
+            raise CheckpointError(f"{directory / TRAIN_STATE} refused: {str(err).splitlines()[0]}") from None
+    model.eval()
+    return Checkpoint(model, config, stats, state)

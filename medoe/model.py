@@ -1,0 +1,197 @@
+"""MEDOE and the single-decoder baseline, composed from a backbone and context modules.
+
+Both models take float RGB images `[N, 3, H, W]` with values in 0..255 and normalise them
+themselves, so the exported graph and every caller feed raw pixels.
+
+MEDOE (SPEC §2-§4): a shared backbone, K experts (context module + 1x1 classifier) that all
+predict the C classes, and a decision maker that soft-weights the experts' probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from medoe.backbones import ResNetC, load_imagenet_weights
+from medoe.config import MEDOEConfig
+from medoe.heads import build_context, resize
+
+
+class Segmentation(NamedTuple):
+    labels: Tensor  # [N, H, W] int64 class index at input size
+    confidence: Tensor  # [N, H, W] float, max of the final probabilities
+    probs: Tensor  # [N, C, H, W] final probabilities at input size
+    expert_weights: Tensor | None  # [N, K, h, w] MOE weights at decoder resolution; None for baselines
+
+
+class Expert(nn.Module):
+    def __init__(self, context: nn.Module, num_classes: int, dropout: float):
+        super().__init__()
+        self.context = context
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(context.out_channels, num_classes, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return self.classifier(self.dropout(self.context(features)))
+
+
+class DecisionMaker(nn.Module):
+    """Stage 2: `1x1 conv (K*C -> hidden) -> ReLU -> 1x1 conv (hidden -> K)` per pixel."""
+
+    def __init__(self, num_experts: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(num_experts * num_classes, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_experts, 1),
+        )
+
+    def forward(self, expert_probs: Tensor) -> Tensor:
+        # [N, K, C, h, w] -> selection logits [N, K, h, w]
+        return self.net(expert_probs.flatten(1, 2))
+
+
+class SegmentationModel(nn.Module):
+    """What both models share: input checks, normalisation and the backbone."""
+
+    def __init__(self, config: MEDOEConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = ResNetC(config.backbone, config.output_stride)
+        self.load_report = None
+        if config.pretrained:
+            self.load_report = load_imagenet_weights(self.backbone, config.pretrained)
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"images must be [N, 3, H, W] RGB, got shape {tuple(images.shape)}; "
+                "convert HWC arrays with .permute(2, 0, 1) and add a batch dimension"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"images must be float (0..255 values), got {images.dtype}; call .float() first")
+        return self.backbone((images - self.mean) / self.std)
+
+    def _finish(self, probs: Tensor, size, expert_weights: Tensor | None) -> Segmentation:
+        probs = resize(probs, size)
+        confidence, labels = probs.max(dim=1)
+        return Segmentation(labels, confidence, probs, expert_weights)
+
+
+class BaselineModel(SegmentationModel):
+    """One context module + classifier: the `baseline`, `focal` and `reweight` models."""
+
+    def __init__(self, config: MEDOEConfig):
+        super().__init__(config)
+        in_channels = self.backbone.channels
+        context = build_context(config.context, in_channels, config.decoder_channels, config.num_classes, config.output_stride)
+        self.decoder = Expert(context, config.num_classes, config.dropout)
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.decoder(self.features(images))
+
+    def forward(self, images: Tensor) -> Segmentation:
+        # Resize logits, not probabilities: the usual single-model inference.
+        logits = resize(self.logits(images), images.shape[-2:])
+        return self._finish(torch.softmax(logits, dim=1), images.shape[-2:], None)
+
+
+class MEDOE(SegmentationModel):
+    def __init__(self, config: MEDOEConfig):
+        super().__init__(config)
+        if not config.is_medoe:
+            raise ValueError(f"MEDOE needs config.model='medoe', got {config.model!r}; use build_model()")
+        in_channels, c, k = self.backbone.channels, config.num_classes, config.num_experts
+        experts = []
+        for index in range(k):
+            name = "light" if index > 0 and config.light_experts else config.context
+            experts.append(Expert(build_context(name, in_channels, config.decoder_channels, c, config.output_stride), c, config.dropout))
+        self.experts = nn.ModuleList(experts)
+        self.decision = DecisionMaker(k, c, config.decision_hidden)
+        # label -> 0-based index of the expert that owns it (y_se - 1); 255 = not owned.
+        # Saved in the weights so the oracle and stage 2 work from a checkpoint alone.
+        self.register_buffer("expert_lut", torch.full((256,), config.ignore_index, dtype=torch.long))
+        self.stage = 1
+        self.set_stage(1)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def set_groups(self, groups: list[list[int]]) -> None:
+        if len(groups) != self.num_experts:
+            raise ValueError(f"{len(groups)} class groups for {self.num_experts} experts")
+        self.expert_lut.fill_(self.config.ignore_index)
+        for index, group in enumerate(groups):
+            self.expert_lut[torch.as_tensor(group, dtype=torch.long)] = index
+
+    def expert_sets(self) -> Tensor:
+        # S_k = classes owned by experts k..K: [K, C] bool
+        owner = self.expert_lut[: self.config.num_classes]
+        return torch.stack([owner >= k for k in range(self.num_experts)]) & (owner != self.config.ignore_index)
+
+    def expert_logits(self, images: Tensor) -> list[Tensor]:
+        """Stage 1: every expert's logits, all at expert 1's (decoder) resolution."""
+        features = self.features(images)
+        # Experts 2..K read detached features: "the head expert updates the backbone".
+        detached = [f.detach() for f in features] if self.config.stop_gradient else features
+        logits = [self.experts[0](features)]
+        size = logits[0].shape[-2:]
+        logits += [resize(expert(detached), size) for expert in self.experts[1:]]
+        return logits
+
+    def expert_probs(self, images: Tensor) -> Tensor:
+        return torch.stack([torch.softmax(z, dim=1) for z in self.expert_logits(images)], dim=1)
+
+    def selection_logits(self, expert_probs: Tensor) -> Tensor:
+        return self.decision(expert_probs)
+
+    def forward(self, images: Tensor) -> Segmentation:
+        expert_probs = self.expert_probs(images)  # [N, K, C, h, w]
+        weights = torch.softmax(self.selection_logits(expert_probs), dim=1)  # [N, K, h, w]
+        # p_final = sum_k s_k p_k; the weights sum to 1 so p_final is a distribution.
+        probs = (weights.unsqueeze(2) * expert_probs).sum(dim=1)
+        return self._finish(probs, images.shape[-2:], weights)
+
+    def oracle(self, images: Tensor, labels: Tensor) -> Segmentation:
+        """Evaluation only: each pixel takes the expert that owns its true class."""
+        expert_probs = self.expert_probs(images)
+        n, k, c, h, w = expert_probs.shape
+        full = resize(expert_probs.flatten(1, 2), labels.shape[-2:]).view(n, k, c, *labels.shape[-2:])
+        owner = self.expert_lut[labels.long().clamp(0, 255)]
+        owner = torch.where(owner == self.config.ignore_index, torch.zeros_like(owner), owner)
+        one_hot = torch.nn.functional.one_hot(owner, k).permute(0, 3, 1, 2).to(full.dtype)
+        probs = (one_hot.unsqueeze(2) * full).sum(dim=1)
+        return self._finish(probs, labels.shape[-2:], one_hot)
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 2 trains the decision maker only: backbone and experts frozen, BN in eval."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.stage = stage
+        for module in (self.backbone, self.experts):
+            module.requires_grad_(stage == 1)
+        self.decision.requires_grad_(stage == 2)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MEDOE:
+        super().train(mode)
+        if self.stage == 2:
+            self.backbone.eval()
+            self.experts.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def build_model(config: MEDOEConfig) -> SegmentationModel:
+    return MEDOE(config) if config.is_medoe else BaselineModel(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
