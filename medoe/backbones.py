@@ -129,12 +129,13 @@ class LoadReport(NamedTuple):
     unused: list[str]  # the file's keys that had no place in ours (with the reason)
 
 
-def _source_to_ours(key: str) -> str:
+def _source_to_ours(key: str, deep_stem: bool) -> str | None:
     # timm `resnet*c`/`resnet*d` deep stem: conv1.{0,1,3,4,6} + bn1; mmseg: stem.* (identity).
-    if key.startswith("conv1.") and key.split(".")[1].isdigit():
-        return "stem." + key[len("conv1."):]
+    # torchvision's conv1/bn1 belong to a 7x7 stem that has no counterpart here: None.
+    if key.startswith("conv1."):
+        return "stem." + key[len("conv1."):] if deep_stem else None
     if key.startswith("bn1."):
-        return "stem.7." + key[len("bn1."):]
+        return "stem.7." + key[len("bn1."):] if deep_stem else None
     return key
 
 
@@ -164,11 +165,15 @@ def load_imagenet_weights(backbone: ResNetC, path: str | Path) -> LoadReport:
     the stem keeps its initialisation. The classifier (`fc.*`) is always unused.
     """
     ours = backbone.state_dict()
+    source = read_state_dict(path)
+    deep_stem = any(k.startswith("conv1.0.") for k in source)
     loaded, unused = [], []
     with torch.no_grad():
-        for key, value in read_state_dict(path).items():
-            target = _source_to_ours(key)
-            if target not in ours:
+        for key, value in source.items():
+            target = _source_to_ours(key, deep_stem)
+            if target is None:
+                unused.append(f"{key} (7x7 stem, no counterpart in the deep stem)")
+            elif target not in ours:
                 unused.append(f"{key} (no such key)")
             elif ours[target].shape != value.shape:
                 unused.append(f"{key} (shape {tuple(value.shape)} != {tuple(ours[target].shape)})")
