@@ -129,6 +129,10 @@ class MEDOE(SegmentationModel):
         for index, group in enumerate(groups):
             self.expert_lut[torch.as_tensor(group, dtype=torch.long)] = index
 
+    def groups(self) -> list[list[int]]:
+        owner = self.expert_lut[: self.config.num_classes].tolist()
+        return [[c for c, k in enumerate(owner) if k == index] for index in range(self.num_experts)]
+
     def expert_sets(self) -> Tensor:
         # S_k = classes owned by experts k..K: [K, C] bool
         owner = self.expert_lut[: self.config.num_classes]

@@ -1,0 +1,239 @@
+"""MEDOE stage-1 expert losses, the stage-2 expert-selection loss, and the long-tail baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_inputs(
+    logits: Tensor, target: Tensor, num_channels: int | None = None, what: str = "logits"
+) -> None:
+    if logits.dim() != 4 or target.dim() != 3:
+        raise ValueError(
+            f"expected {what} [N,C,H,W] and target [N,H,W], got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+        raise ValueError(
+            f"{what} {tuple(logits.shape)} and target {tuple(target.shape)} differ in N,H,W; "
+            f"the caller must resize {what} to the label size before the loss"
+        )
+    if num_channels is not None and logits.shape[1] != num_channels:
+        raise ValueError(f"{what} have {logits.shape[1]} channels but {num_channels} were expected")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
+
+
+def _valid_mask(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Return (valid pixels, target with ignored pixels replaced by 0 so it can index safely)."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    if valid.any():
+        lo, hi = int(safe[valid].min()), int(safe[valid].max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"target value {bad} is outside [0, {num_classes}) and is not ignore_index={ignore_index}; fix the label map"
+            )
+    return valid, safe
+
+
+def _check_set(in_set: Tensor, num_classes: int) -> Tensor:
+    if in_set.dtype != torch.bool or in_set.shape != (num_classes,):
+        raise ValueError(
+            f"in_set must be a bool tensor of shape ({num_classes},), got {in_set.dtype} {tuple(in_set.shape)}"
+        )
+    return in_set
+
+
+def _zero(logits: Tensor) -> Tensor:
+    # Still connected to the graph so backward() and DDP's unused-parameter checks behave.
+    return logits.sum() * 0
+
+
+def _in_set_mask(
+    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_inputs(logits, target)
+    num_classes = logits.shape[1]
+    in_set = _check_set(in_set, num_classes).to(logits.device)
+    valid, safe = _valid_mask(target, num_classes, ignore_index)
+    return valid & in_set[safe], valid, safe
+
+
+def masked_ce(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255) -> Tensor:
+    mask, _, safe = _in_set_mask(logits, target, in_set, ignore_index)
+    count = int(mask.sum())
+    if count == 0:
+        return _zero(logits)
+    # Softmax is over all C classes; only the supervised pixels are restricted to S_k.
+    per_pixel = F.cross_entropy(logits, safe, reduction="none")
+    return (per_pixel * mask).sum() / count
+
+
+def l2_suppression(
+    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255
+) -> Tensor:
+    _, valid, _ = _in_set_mask(logits, target, in_set, ignore_index)
+    interfering = ~in_set.to(logits.device)
+    count = int(valid.sum())
+    if count == 0 or not interfering.any():
+        return _zero(logits)
+    squares = (logits[:, interfering] ** 2).sum(dim=1)
+    return (squares * valid).sum() / count
+
+
+def kl_to_label_histogram(
+    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255, eps: float = 1e-6
+) -> Tensor:
+    mask, _, safe = _in_set_mask(logits, target, in_set, ignore_index)
+    in_set = in_set.to(logits.device)
+    count = int(mask.sum())
+    if count == 0:
+        return _zero(logits)
+    probs = logits.softmax(dim=1)
+    weight = mask.unsqueeze(1).to(probs.dtype)
+    mean_probs = (probs * weight).sum(dim=(0, 2, 3)) / count
+    p = mean_probs[in_set]
+    p = p / p.sum()
+    hist = torch.bincount(safe[mask], minlength=logits.shape[1])[in_set].to(p.dtype)
+    q = (hist + eps) / (hist + eps).sum()
+    # The clamp only guards log(0); those terms are multiplied by p = 0 anyway.
+    return (p * (p.clamp_min(torch.finfo(p.dtype).tiny).log() - q.log())).sum()
+
+
+class ExpertLoss(NamedTuple):
+    total: Tensor
+    ce: Tensor
+    l2: Tensor
+    kl: Tensor
+
+
+def expert_loss(
+    logits: Tensor, target: Tensor, in_set: Tensor, alpha: float = 0.2, ignore_index: int = 255
+) -> ExpertLoss:
+    ce = masked_ce(logits, target, in_set, ignore_index)
+    l2 = l2_suppression(logits, target, in_set, ignore_index)
+    kl = kl_to_label_histogram(logits, target, in_set, ignore_index)
+    return ExpertLoss(ce + alpha * (l2 + kl), ce, l2, kl)
+
+
+def stage1_loss(
+    expert_logits: Sequence[Tensor],
+    target: Tensor,
+    expert_sets: Tensor,
+    alpha: float = 0.2,
+    ignore_index: int = 255,
+) -> tuple[Tensor, list[ExpertLoss]]:
+    if expert_sets.dim() != 2 or len(expert_logits) != expert_sets.shape[0]:
+        raise ValueError(
+            f"got {len(expert_logits)} expert logits but expert_sets has shape {tuple(expert_sets.shape)}; "
+            "pass one logits tensor per row of expert_sets"
+        )
+    parts = [
+        expert_loss(z, target, s, alpha, ignore_index)
+        for z, s in zip(expert_logits, expert_sets, strict=True)
+    ]
+    total = torch.stack([p.total for p in parts]).sum()
+    return total, parts
+
+
+def selection_loss(
+    select_logits: Tensor,
+    target: Tensor,
+    expert_lut: Tensor,
+    weights: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
+    _check_inputs(select_logits, target, what="selection logits")
+    num_experts = select_logits.shape[1]
+    if expert_lut.shape != (256,):
+        raise ValueError(
+            f"expert_lut must have shape (256,), got {tuple(expert_lut.shape)}; build it with expert_index_lut"
+        )
+    if weights is not None and weights.shape != (num_experts,):
+        raise ValueError(
+            f"weights must have shape ({num_experts},) to match the selection logits, got {tuple(weights.shape)}"
+        )
+    target = target.long()
+    if int(target.min()) < 0 or int(target.max()) > 255:
+        raise ValueError("target values must lie in [0, 255] to index the 256-entry expert LUT")
+    se_target = expert_lut.to(target.device)[target]
+    valid = se_target != ignore_index
+    if not valid.any():
+        return _zero(select_logits)
+    if int(se_target[valid].max()) >= num_experts:
+        raise ValueError(
+            f"expert_lut maps a label to expert index {int(se_target[valid].max())} but there are {num_experts} experts"
+        )
+    if weights is not None:
+        weights = weights.to(device=select_logits.device, dtype=select_logits.dtype)
+    # With weights this is PyTorch's weighted mean, sum(w_y * l) / sum(w_y): with inverse-share
+    # weights every expert target then contributes equally, whatever the weights' scale.
+    return F.cross_entropy(select_logits, se_target, weight=weights, ignore_index=ignore_index)
+
+
+def selection_balance_weights(
+    pixel_counts: Sequence[int] | Tensor, groups: Sequence[Sequence[int]]
+) -> Tensor:
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    if counts.sum() <= 0:
+        raise ValueError(
+            "all pixel counts are zero; compute class statistics on labelled training images"
+        )
+    shares = torch.stack([counts[list(g)].sum() for g in groups]) / counts.sum()
+    weights = torch.zeros_like(shares)
+    present = shares > 0
+    weights[present] = 1.0 / shares[present]
+    # A group without training pixels gets the largest weight, as in inverse_sqrt_frequency_weights.
+    weights[~present] = weights[present].max()
+    return (weights / weights.mean()).float()
+
+
+def focal_loss(
+    logits: Tensor, target: Tensor, gamma: float = 2.0, ignore_index: int = 255
+) -> Tensor:
+    _check_inputs(logits, target)
+    valid, safe = _valid_mask(target, logits.shape[1], ignore_index)
+    count = int(valid.sum())
+    if count == 0:
+        return _zero(logits)
+    log_pt = logits.log_softmax(dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    loss = -((1 - log_pt.exp()) ** gamma) * log_pt
+    return (loss * valid).sum() / count
+
+
+def weighted_ce(
+    logits: Tensor, target: Tensor, class_weights: Tensor, ignore_index: int = 255
+) -> Tensor:
+    _check_inputs(logits, target)
+    num_classes = logits.shape[1]
+    if class_weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},) to match the logits, got {tuple(class_weights.shape)}"
+        )
+    valid, _ = _valid_mask(target, num_classes, ignore_index)
+    if not valid.any():
+        return _zero(logits)
+    weights = class_weights.to(device=logits.device, dtype=logits.dtype)
+    # PyTorch's weighted mean (divides by the summed weights of the valid pixels).
+    return F.cross_entropy(logits, target.long(), weight=weights, ignore_index=ignore_index)
+
+
+def inverse_sqrt_frequency_weights(pixel_counts: Sequence[int] | Tensor) -> Tensor:
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError(
+            "all pixel counts are zero; compute class statistics on labelled training images"
+        )
+    freq = counts / counts.sum()
+    weights = torch.zeros_like(counts)
+    weights[present] = freq[present].rsqrt()
+    weights = weights / weights[present].mean()
+    weights[~present] = weights[present].max()
+    return weights.float()
