@@ -14,7 +14,8 @@ from medoe.backbones import conv_bn_relu
 
 
 def resize(x: Tensor, size, mode: str = "bilinear") -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
+    # The shortcut would be baked into an exported graph traced at one size: skip it then.
+    if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
