@@ -97,7 +97,7 @@ class ResNetC(nn.Module):
         strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if output_stride == 8 else ((1, 2, 2, 1), (1, 1, 1, 2))
         self.channels: list[int] = []
         cin = stem
-        for index, (depth, width, stride, dilation) in enumerate(zip(depths, widths, strides, dilations), 1):
+        for index, (depth, width, stride, dilation) in enumerate(zip(depths, widths, strides, dilations, strict=True), 1):
             layer, cin = self._make_layer(block, cin, width, depth, stride, dilation)
             self.add_module(f"layer{index}", layer)
             self.channels.append(cin)

@@ -7,6 +7,7 @@ so everything the network's shape depends on lives here, with the training recip
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
@@ -86,7 +87,7 @@ class MEDOEConfig:
         )
         check(
             all(0 < t < 1 for t in self.group_thresholds)
-            and all(a < b for a, b in zip(self.group_thresholds, self.group_thresholds[1:])),
+            and all(a < b for a, b in itertools.pairwise(self.group_thresholds)),
             f"group_thresholds={self.group_thresholds} must increase strictly inside (0, 1)",
         )
         for name in ("class_names", "palette"):

@@ -1,0 +1,88 @@
+"""The training and evaluation commands, end to end on a small synthetic config."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from medoe.data import SyntheticStreets
+from medoe.metrics import ConfusionMatrix
+from training import evaluate, train
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
+    values.update(synthetic_size=[64, 128], crop_size=[64, 64], synthetic_train_images=16,
+                  synthetic_val_images=4, batch_size=2, num_workers=0, decoder_channels=8, decision_hidden=8)
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+def read_log(work_dir):
+    return [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_medoe_runs_both_stages_then_evaluates(tmp_path, config_path):
+    work = tmp_path / "run"
+    assert train.main(["--config", config_path, "--work-dir", str(work), "--iters", "4", "--stage2-iters", "2"]) == 0
+    log = read_log(work)
+    assert [(r["stage"], r["iter"]) for r in log] == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)]
+    assert all(np.isfinite(r["loss"]) for r in log) and {"expert1", "expert2", "expert3"} <= set(log[0])
+    for name in ("stage1", "final", "last"):
+        assert (work / name / "model.safetensors").is_file() and (work / name / "class_stats.json").is_file()
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert {"aAcc", "mIoU", "mAcc", "groups", "per_class", "oracle"} <= set(metrics)
+    assert set(metrics["groups"]) == {"head", "body", "tail"}
+    assert [c["name"] for c in metrics["per_class"]] == SyntheticStreets(num_images=1).class_names
+
+
+@pytest.mark.parametrize("model", ["baseline", "focal", "reweight"])
+def test_baselines_train(tmp_path, config_path, model):
+    work = tmp_path / model
+    assert train.main(["--config", config_path, "--model", model, "--work-dir", str(work), "--iters", "2", "--no-eval"]) == 0
+    assert [r["iter"] for r in read_log(work)] == [1, 2]
+    assert json.loads((work / "final" / "config.json").read_text())["model"] == model
+
+
+def test_resume_repeats_the_uninterrupted_losses(tmp_path, config_path):
+    common = ["--config", config_path, "--iters", "6", "--stage2-iters", "2", "--no-eval"]
+    assert train.main([*common, "--work-dir", str(tmp_path / "straight")]) == 0
+    assert train.main([*common, "--work-dir", str(tmp_path / "split"), "--stop-after", "3"]) == 0
+    assert not (tmp_path / "split" / "final").exists()
+    assert train.main([*common, "--work-dir", str(tmp_path / "split"), "--resume"]) == 0
+    straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
+    assert [(r["stage"], r["iter"]) for r in split] == [(r["stage"], r["iter"]) for r in straight]
+    np.testing.assert_allclose([r["loss"] for r in split], [r["loss"] for r in straight], rtol=0, atol=1e-6)
+
+
+def test_saved_predictions_recompute_the_metrics(tmp_path, config_path):
+    work = tmp_path / "run"
+    assert train.main(["--config", config_path, "--work-dir", str(work), "--iters", "2", "--stage2-iters", "1", "--no-eval"]) == 0
+    out, preds = tmp_path / "metrics.json", tmp_path / "preds"
+    assert evaluate.main(["--checkpoint", str(work / "final"), "--out", str(out), "--save-preds", str(preds)]) == 0
+    dataset = SyntheticStreets(num_images=4, height=64, width=128, seed=0, split="val")
+    matrix = ConfusionMatrix(dataset.num_classes)
+    for i in range(len(dataset)):
+        prediction = cv2.imread(str(preds / f"{dataset.sample_name(i)}.png"), cv2.IMREAD_UNCHANGED)
+        matrix.update(prediction.astype(np.int64), dataset.label_map(i).astype(np.int64))
+    recomputed = matrix.compute().to_dict(dataset.class_names)
+    assert recomputed["mIoU"] == pytest.approx(json.loads(out.read_text())["mIoU"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-m", "training.train", "--config", "no_such_config", "--work-dir", "w"], "config 'no_such_config' not found"),
+    (["-m", "training.train", "--dataset", "cityscapes", "--work-dir", "w"], "needs --data-root"),
+    (["-m", "training.train", "--dataset", "folder", "--data-root", "absent", "--work-dir", "w"], "absent"),
+    (["-m", "training.evaluate", "--checkpoint", "absent", "--out", "m.json"], "checkpoint directory not found"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(__import__("pathlib").Path.cwd()), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

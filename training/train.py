@@ -1,0 +1,228 @@
+"""Train MEDOE (stage 1, then stage 2) or a single-decoder baseline.
+
+    python -m training.train --config deeplabv3plus_tiny_synthetic_cpu --work-dir work/run
+    torchrun --nproc-per-node 4 -m training.train --config deeplabv3plus_r50c_cityscapes \
+        --data-root /data/cityscapes --device cuda --work-dir work/cs
+
+Reads top-down: arguments, config, data, class statistics, then one loop per stage.
+Every iteration's batch and augmentation are derived from (seed, iteration), so `--resume`
+continues with exactly the losses an uninterrupted run would have printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from medoe.class_stats import ClassStats
+from medoe.config import MEDOEConfig
+from medoe.data import DatasetError
+from medoe.heads import resize
+from medoe.losses import (
+    focal_loss,
+    inverse_sqrt_frequency_weights,
+    selection_balance_weights,
+    selection_loss,
+    stage1_loss,
+    weighted_ce,
+)
+from medoe.model import build_model
+from training import distributed as dist
+from training.common import (
+    CONFIG_DIR,
+    SeededBatches,
+    compute_class_stats,
+    get_dataset,
+    load_config,
+    make_loader,
+)
+from training.evaluate import evaluate, format_table
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu", help=f"config name in {CONFIG_DIR} or a JSON path")
+    parser.add_argument("--model", choices=["medoe", "baseline", "focal", "reweight"], help="override the config's model type")
+    parser.add_argument("--work-dir", required=True, help="where checkpoints, class_stats.json and log.jsonl go")
+    parser.add_argument("--dataset", choices=["synthetic", "cityscapes", "ade20k", "folder"], help="override the config's dataset")
+    parser.add_argument("--data-root", help="dataset root (not needed for synthetic)")
+    parser.add_argument("--iters", type=int, help="stage-1 (or baseline) iterations")
+    parser.add_argument("--stage2-iters", type=int, help="stage-2 iterations (MEDOE only; 0 = iters // 10)")
+    parser.add_argument("--stage", type=int, choices=[1, 2], help="run only this MEDOE stage (2 needs DIR/stage1)")
+    parser.add_argument("--batch-size", type=int, help="images per step and process")
+    parser.add_argument("--lr", type=float, help="initial learning rate")
+    parser.add_argument("--select-balance", action=argparse.BooleanOptionalAction, default=None, help="stage 2: inverse-frequency weights on the expert targets")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
+    parser.add_argument("--seed", type=int, help="seed for data order, augmentation and init")
+    parser.add_argument("--workers", type=int, help="DataLoader workers per process")
+    parser.add_argument("--save-every", type=int, default=500, help="write DIR/last every N iterations")
+    parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate DIR/final on the val split at the end")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/last")
+    parser.add_argument("--stop-after", type=int, help="stop (after saving DIR/last) once this run has done N iterations; for preemptible jobs and tests")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args) -> MEDOEConfig:
+    config = load_config(args.config)
+    overrides = {
+        "model": args.model, "dataset": args.dataset, "data_root": args.data_root, "iters": args.iters,
+        "stage2_iters": args.stage2_iters, "batch_size": args.batch_size, "lr": args.lr,
+        "select_balance": args.select_balance, "seed": args.seed, "num_workers": args.workers,
+    }
+    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+class StageLoss(nn.Module):
+    """One stage's training forward as a module, so DistributedDataParallel sees forward()."""
+
+    def __init__(self, model, config: MEDOEConfig, stage: int, stats: ClassStats):
+        super().__init__()
+        self.model, self.config, self.stage = model, config, stage
+        weights = inverse_sqrt_frequency_weights(stats.pixel_counts) if config.model == "reweight" else None
+        if config.is_medoe and config.select_balance:
+            weights = selection_balance_weights(stats.pixel_counts, model.groups())
+        self.register_buffer("weights", weights, persistent=False)
+
+    def forward(self, images, labels) -> tuple[torch.Tensor, dict[str, float]]:
+        model, config, size = self.model, self.config, labels.shape[-2:]
+        if config.is_medoe and self.stage == 1:
+            logits = [resize(z, size) for z in model.expert_logits(images)]
+            total, parts = stage1_loss(logits, labels, model.expert_sets(), config.alpha, config.ignore_index)
+            return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
+        if config.is_medoe:
+            with torch.no_grad():
+                probs = model.expert_probs(images)
+            select = resize(model.selection_logits(probs), size)
+            return selection_loss(select, labels, model.expert_lut, self.weights, config.ignore_index), {}
+        logits = resize(model.logits(images), size)
+        if config.model == "focal":
+            return focal_loss(logits, labels, config.focal_gamma, config.ignore_index), {}
+        if config.model == "reweight":
+            return weighted_ce(logits, labels, self.weights, config.ignore_index), {}
+        return F.cross_entropy(logits, labels, ignore_index=config.ignore_index), {}
+
+
+def train_stage(model, config, stage, stats, work_dir: Path, args, device, start_iter=0, state=None) -> bool:
+    """Runs one stage from `start_iter`; returns False when --stop-after ended it early."""
+    iters = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
+    base_lr = config.lr if stage == 1 else config.stage2_lr
+    if config.is_medoe:
+        model.set_stage(stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    stage_loss = dist.wrap(StageLoss(model, config, stage, stats).to(device), device)
+    dataset = get_dataset(config, "train", train=True)
+    batches = SeededBatches(len(dataset), config.batch_size, config.seed + 1000 * stage, iters, start_iter, dist.rank(), dist.world_size())
+    loader = make_loader(dataset, batches, config.num_workers, config.seed, config.crop_size)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    log = (work_dir / "log.jsonl").open("a") if dist.is_main() else None
+    progress = tqdm(total=iters, initial=start_iter, desc=f"stage {stage}" if config.is_medoe else config.model,
+                    disable=not dist.is_main(), dynamic_ncols=True, mininterval=2.0, file=sys.stdout)
+    model.train()
+    stopping = False
+    tic = time.perf_counter()
+    for it, (images, labels) in enumerate(loader, start=start_iter):
+        lr = base_lr * (1 - it / iters) ** config.poly_power
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+            loss, parts = stage_loss(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+        images_per_s = images.shape[0] * dist.world_size() / max(elapsed, 1e-9)
+        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+        progress.update(1)
+        if log is not None:
+            log.write(json.dumps({"stage": stage, "iter": it + 1, "loss": loss.item(), "lr": lr, "images_per_s": images_per_s, **parts}) + "\n")
+            log.flush()
+        done = it + 1
+        stopping = args.stop_after is not None and done - start_iter >= args.stop_after and done < iters
+        if dist.is_main() and (done % args.save_every == 0 or done == iters or stopping):
+            save_checkpoint(work_dir / "last", model, stats, {
+                "stage": stage, "iter": done, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            })
+        if stopping:
+            break
+    progress.close()
+    if log is not None:
+        log.close()
+    return not stopping
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = dist.setup(args.device)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        stats = compute_class_stats(config, work_dir)
+        config = config.replace(num_classes=stats.num_classes, class_names=stats.class_names,
+                                palette=[list(c) for c in get_dataset(config, "train", train=False).palette])
+        start_stage, start_iter, state, model = 1, 0, None, None
+        if args.resume and (work_dir / "last").is_dir():
+            checkpoint = load_checkpoint(work_dir / "last", device, train_state=True)
+            model, state = checkpoint.model, checkpoint.train_state
+            start_stage, start_iter = state["stage"], state["iter"]
+            print(f"resuming stage {start_stage} at iteration {start_iter} from {work_dir / 'last'}")
+        elif args.stage == 2:
+            model = load_checkpoint(work_dir / "stage1", device).model
+            start_stage = 2
+        if model is None:
+            torch.manual_seed(config.seed)
+            model = build_model(config).to(device)
+            if config.is_medoe:
+                model.set_groups(stats.groups(config.group_thresholds))
+        stages = ([1, 2] if args.stage is None else [args.stage]) if config.is_medoe else [1]
+        for stage in [s for s in stages if s >= start_stage]:
+            resumed = stage == start_stage and state is not None
+            iters_done = start_iter if resumed else 0
+            total = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
+            if iters_done < total and not train_stage(model, config, stage, stats, work_dir, args, device, iters_done, state if resumed else None):
+                print(f"stopped after {args.stop_after} iterations; continue with --resume")
+                return 0
+            if config.is_medoe and stage == 1 and dist.is_main():
+                save_checkpoint(work_dir / "stage1", model, stats)
+        if dist.is_main():
+            save_checkpoint(work_dir / "final", model, stats)
+            print(f"saved {work_dir / 'final'}")
+            if args.eval:
+                metrics = evaluate(model, get_dataset(config, "val", train=False), device, config, stats)
+                (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                print(format_table({config.model: metrics}))
+    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
