@@ -6,13 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +17,17 @@ import numpy as np
 import torch
 
 from medoe.data.synthetic import SyntheticStreets
+from medoe.report import (
+    DOCS_DIR,
+    command_line,
+    goal,
+    goals_markdown,
+    header_markdown,
+    machine_info,
+    now,
+    write_report,
+)
 
-DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
 GOAL_SIZE, GOAL_IMAGES_PER_S = (256, 512), 50
 
 
@@ -36,24 +41,6 @@ def pin_one_core() -> str:
         return f"pinned to logical CPU {core}; torch/cv2 threads = 1"
     return "torch/cv2 threads = 1 (no CPU pinning on this platform)"
 
-
-def machine_info() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "logical_cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "opencv": cv2.__version__,
-    }
 
 
 def measure(height: int, width: int, num: int, label_only: bool) -> dict:
@@ -81,42 +68,20 @@ def measure(height: int, width: int, num: int, label_only: bool) -> dict:
     }
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary shared docs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
-
-def to_markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [
-        "# SyntheticStreets generation speed (one CPU core)",
-        "",
-        f"- Date: {report['date']}",
-        f"- Command: `{report['command']}`",
-        f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores, {m['platform']}",
-        f"- Software: Python {m['python']}, numpy {m['numpy']}, OpenCV {m['opencv']}",
-        f"- Setup: {report['setup']}",
-        "",
+def to_markdown(report: dict) -> list[str]:
+    lines = header_markdown("SyntheticStreets generation speed (one CPU core)", report)
+    lines[-1:-1] = [f"- Software: numpy {np.__version__}, OpenCV {cv2.__version__}", f"- Setup: {report['setup']}"]
+    lines += [
         "| resolution | what | images | images/s | ms/image | p50 ms | p95 ms |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(f"| {r['resolution']} | {r['what']} | {r['images']} | {r['images_per_s']} | "
                      f"{r['ms_per_image']} | {r['ms_p50']} | {r['ms_p95']} |")
-    lines += ["", "| goal | measured | target | met |", "|---|---:|---:|---|"]
-    for g in report["goals"]:
-        lines.append(f"| {g['name']} | {g['measured']} | {g['op']} {g['target']} | "
-                     f"{'yes' if g['met'] else 'NO'} |")
-    lines += ["", "Regenerate with the command above; `benchmark_synthetic.json` holds the same numbers.", ""]
-    return "\n".join(lines)
+    lines += ["", *goals_markdown(report["goals"]), "",
+              "Regenerate with the command above; `benchmark_synthetic.json` holds the same numbers."]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -142,20 +107,13 @@ def main(argv=None) -> int:
                      if r["resolution"] == "x".join(map(str, GOAL_SIZE)) and r["what"].startswith("image"))
     report = {
         "machine": machine_info(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "-m", "medoe.data.bench", *argv]),
+        "date": now(),
+        "command": command_line("medoe.data.bench", argv),
         "setup": setup,
         "results": results,
-        "goals": [{
-            "name": "synthetic_{}x{}_images_per_s".format(*GOAL_SIZE),
-            "measured": goal_rate,
-            "target": GOAL_IMAGES_PER_S,
-            "op": ">=",
-            "met": bool(goal_rate >= GOAL_IMAGES_PER_S),
-        }],
+        "goals": [goal("synthetic_{}x{}_images_per_s".format(*GOAL_SIZE), goal_rate, GOAL_IMAGES_PER_S, ">=")],
     }
-    atomic_write(args.out_dir / "benchmark_synthetic.json", json.dumps(report, indent=2) + "\n")
-    atomic_write(args.out_dir / "benchmark_synthetic.md", to_markdown(report))
+    write_report(args.out_dir, "benchmark_synthetic", report, to_markdown(report))
     print(f"wrote {args.out_dir / 'benchmark_synthetic.md'} and .json; "
           f"{goal_rate} images/s at {GOAL_SIZE[0]}x{GOAL_SIZE[1]}", file=sys.stderr)
     return 0 if report["goals"][0]["met"] else 1
