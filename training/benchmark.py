@@ -20,7 +20,16 @@ import torch
 
 from medoe.checkpoint import load_checkpoint
 from medoe.model import count_parameters
-from medoe.report import DOCS_DIR, command_line, goal, goals_markdown, header_markdown, machine_info, now, write_report
+from medoe.report import (
+    DOCS_DIR,
+    command_line,
+    goal,
+    goals_markdown,
+    header_markdown,
+    machine_info,
+    now,
+    write_report,
+)
 from training import train
 from training.common import get_dataset
 from training.evaluate import evaluate, format_table

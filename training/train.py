@@ -132,7 +132,7 @@ def train_stage(model, config, stage, stats, work_dir: Path, args, device, start
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     log = (work_dir / "log.jsonl").open("a") if dist.is_main() else None
     progress = tqdm(total=iters, initial=start_iter, desc=f"stage {stage}" if config.is_medoe else config.model,
-                    disable=not dist.is_main(), dynamic_ncols=True, mininterval=2.0, file=sys.stdout)
+                    disable=not dist.is_main(), dynamic_ncols=True, mininterval=2.0 if sys.stdout.isatty() else 30.0, file=sys.stdout)
     model.train()
     stopping = False
     tic = time.perf_counter()
