@@ -44,6 +44,7 @@ class MEDOEConfig:
     # --- losses --------------------------------------------------------------------------
     alpha: float = 0.2  # weight of the auxiliary (L2 + KL) term in every expert's stage-1 loss
     select_balance: bool = False  # stage 2: inverse-frequency weights on the K selection targets
+    select_balance_power: float = 1.0  # those weights are share_k ** -power (1 = inverse frequency, 0.5 = inverse sqrt)
     focal_gamma: float = 2.0  # focal baseline's gamma
     # --- data ----------------------------------------------------------------------------
     dataset: str = "synthetic"  # synthetic | cityscapes | ade20k | folder

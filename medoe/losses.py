@@ -178,8 +178,9 @@ def selection_loss(
 
 
 def selection_balance_weights(
-    pixel_counts: Sequence[int] | Tensor, groups: Sequence[Sequence[int]]
+    pixel_counts: Sequence[int] | Tensor, groups: Sequence[Sequence[int]], power: float = 1.0
 ) -> Tensor:
+    # w_k ∝ share_k^-power: 1 is plain inverse frequency, smaller powers temper it.
     counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
     if counts.sum() <= 0:
         raise ValueError(
@@ -188,7 +189,7 @@ def selection_balance_weights(
     shares = torch.stack([counts[list(g)].sum() for g in groups]) / counts.sum()
     weights = torch.zeros_like(shares)
     present = shares > 0
-    weights[present] = 1.0 / shares[present]
+    weights[present] = shares[present] ** -power
     # A group without training pixels gets the largest weight, as in inverse_sqrt_frequency_weights.
     weights[~present] = weights[present].max()
     return (weights / weights.mean()).float()

@@ -196,6 +196,14 @@ def test_selection_balance_weights():
     assert w.mean().item() == pytest.approx(1.0)
 
 
+def test_selection_balance_power_tempers_the_weights():
+    shares = torch.tensor([0.85, 0.12, 0.03])
+    w = selection_balance_weights([60, 25, 8, 4, 3], [[0, 1], [2, 3], [4]], power=0.5)
+    torch.testing.assert_close(w, (shares.rsqrt() / shares.rsqrt().mean()).float())
+    flat = selection_balance_weights([60, 25, 8, 4, 3], [[0, 1], [2, 3], [4]], power=0.0)
+    torch.testing.assert_close(flat, torch.ones(3))
+
+
 def test_focal_gamma_zero_equals_ce_and_gamma_two_by_hand():
     logits = make_logits()
     ce = F.cross_entropy(logits, TARGET, ignore_index=255)

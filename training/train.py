@@ -61,6 +61,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="images per step and process")
     parser.add_argument("--lr", type=float, help="initial learning rate")
     parser.add_argument("--select-balance", action=argparse.BooleanOptionalAction, default=None, help="stage 2: inverse-frequency weights on the expert targets")
+    parser.add_argument("--select-balance-power", type=float, help="exponent of those weights: share ** -power")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
     parser.add_argument("--seed", type=int, help="seed for data order, augmentation and init")
     parser.add_argument("--workers", type=int, help="DataLoader workers per process")
@@ -76,7 +77,7 @@ def config_from_args(args) -> MEDOEConfig:
     overrides = {
         "model": args.model, "dataset": args.dataset, "data_root": args.data_root, "iters": args.iters,
         "stage2_iters": args.stage2_iters, "batch_size": args.batch_size, "lr": args.lr,
-        "select_balance": args.select_balance, "seed": args.seed, "num_workers": args.workers,
+        "select_balance": args.select_balance, "select_balance_power": args.select_balance_power, "seed": args.seed, "num_workers": args.workers,
     }
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -89,7 +90,7 @@ class StageLoss(nn.Module):
         self.model, self.config, self.stage = model, config, stage
         weights = inverse_sqrt_frequency_weights(stats.pixel_counts) if config.model == "reweight" else None
         if config.is_medoe and config.select_balance:
-            weights = selection_balance_weights(stats.pixel_counts, model.groups())
+            weights = selection_balance_weights(stats.pixel_counts, model.groups(), config.select_balance_power)
         self.register_buffer("weights", weights, persistent=False)
 
     def forward(self, images, labels) -> tuple[torch.Tensor, dict[str, float]]:
