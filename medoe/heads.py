@@ -51,11 +51,39 @@ class ASPPHead(nn.Module):
 class PPMHead(nn.Module):
     """PSPNet: pyramid pooling at 1, 2, 3 and 6 bins, concatenated with the input."""
 
+    class BinAverage(nn.Module):
+        """`nn.AdaptiveAvgPool2d(bins)` as two averaging matrices: rows @ x @ cols^T.
+
+        ONNX exporters can only turn adaptive pooling into a fixed-kernel AvgPool, which
+        needs (and bakes in) the input size. The bins here come from the input's size at run
+        time with PyTorch's own integer rule (start = floor(i*n/b), end = ceil((i+1)*n/b)),
+        so they are the same windows for every size, including sizes smaller than `bins`.
+        """
+
+        def __init__(self, bins: int):
+            super().__init__()
+            self.bins = bins
+
+        def _averaging(self, size, like: Tensor) -> Tensor:
+            index = torch.arange(self.bins, device=like.device)
+            start = index * size // self.bins
+            end = ((index + 1) * size + self.bins - 1) // self.bins
+            position = torch.arange(size, device=like.device)
+            members = (position >= start[:, None]) & (position < end[:, None])  # [bins, size]
+            # Weights 1/count rather than a sum and a division: under fp16 autocast a sum
+            # over a large feature map could overflow, a mean cannot.
+            return members.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+        def forward(self, x: Tensor) -> Tensor:
+            rows, cols = self._averaging(x.shape[-2], x), self._averaging(x.shape[-1], x)
+            return rows @ x @ cols.transpose(0, 1)  # [N, C, bins, bins]
+
     def __init__(self, in_channels: list[int], channels: int, bins: tuple[int, ...] = (1, 2, 3, 6)):
         super().__init__()
         top = in_channels[-1]
+        # Index 0 stays the pooling so checkpoint keys keep their names (stages.{i}.1.weight).
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), *conv_bn_relu(top, channels, 1)) for b in bins
+            nn.Sequential(PPMHead.BinAverage(b), *conv_bn_relu(top, channels, 1)) for b in bins
         )
         self.bottleneck = nn.Sequential(*conv_bn_relu(top + channels * len(bins), channels))
         self.out_channels = channels
