@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m training.demo --work-dir $(DEMO_DIR)
 
 lint: setup
-	$(PY) -m ruff check medoe training tests
+	$(PY) -m ruff check medoe training export tests
 
 clean:
 	rm -rf $(VENV) work .pytest_cache
