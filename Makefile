@@ -1,4 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +15,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	# The grep only hides this machine's notes about absent local indexes; pip's status still counts.
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	$(PY) -c "import torch, numpy, cv2, onnx, onnxruntime, albumentations" 
 	touch $@
 
