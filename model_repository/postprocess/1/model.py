@@ -1,0 +1,56 @@
+"""`medoe` outputs + decoded image -> `labels` [H, W], `overlay` [H, W, 3], `class_share` [C], `expert_weights` [K, h, w]."""
+
+# First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
+import triton_python_backend_utils as pb_utils  # isort: skip
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from serving.processing import class_share, overlay, palette_array, resize_labels_nearest
+
+
+def _parameters(config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def _model_parameters(config_path: Path) -> dict[str, str]:
+    # The generated config.pbtxt is protobuf text; Triton's own schema (from tritonclient) reads it.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = _parameters(json.loads(args["model_config"]))
+        if "palette" not in parameters:
+            # args["model_repository"] is this model's own directory; the metadata model is its sibling.
+            source = Path(args["model_repository"]).parent / parameters.get("metadata_model", "medoe") / "config.pbtxt"
+            if not source.is_file():
+                raise pb_utils.TritonModelException(f"postprocess: no palette parameter and no {source} to read it from")
+            parameters = {**_model_parameters(source), **parameters}
+        if "palette" not in parameters:
+            raise pb_utils.TritonModelException("postprocess: the metadata model's config has no `palette` parameter")
+        palette = json.loads(parameters["palette"])
+        names = json.loads(parameters["class_names"]) if "class_names" in parameters else palette
+        self.num_classes = len(names)
+        self.palette = palette_array(palette)
+        self.alpha = float(parameters.get("alpha", 0.5))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            image = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()[0]
+            labels = pb_utils.get_input_tensor_by_name(request, "labels").as_numpy()[0]
+            weights = pb_utils.get_input_tensor_by_name(request, "expert_weights").as_numpy()[0]
+            # The graph already answers at the input's size; resize only if a model does not.
+            labels = resize_labels_nearest(labels, image.shape[:2])
+            outputs = {"labels": labels, "overlay": overlay(image, labels, self.palette, self.alpha),
+                       "class_share": class_share(labels, self.num_classes),
+                       "expert_weights": np.ascontiguousarray(weights, np.float32)}
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]))
+        return responses

@@ -1,0 +1,32 @@
+"""`image` BYTES [1] -> `images` uint8 [1, H, W, 3] RGB; a bad image is an INVALID_ARG error."""
+
+# First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
+import triton_python_backend_utils as pb_utils  # isort: skip
+
+import json
+
+import numpy as np
+
+from serving.processing import DEFAULT_MAX_PIXELS, decode_image
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.max_pixels = int(parameters.get("max_pixels", {}).get("string_value", DEFAULT_MAX_PIXELS))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                data = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
+                if data.size != 1:
+                    raise ValueError(f"send exactly one encoded image per request, got {data.size}")
+                image = decode_image(data[0], self.max_pixels)
+            except ValueError as err:
+                # The client sees this message with HTTP 400 / gRPC INVALID_ARGUMENT.
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", image[np.newaxis])]))
+        return responses

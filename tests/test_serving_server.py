@@ -1,0 +1,173 @@
+"""The bundled tritonserver serves the repository: `medoe` matches onnxruntime, `segment` answers SPEC §9.
+
+One server for the module (start ~2 s, tiny model); every client is closed before it stops,
+since Triton waits for open HTTP connections on shutdown.
+"""
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton ships the tritonserver binary")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+
+from export import to_onnx  # noqa: E402
+from export.graph import random_images  # noqa: E402
+from serving.server import ServerError, start_server  # noqa: E402
+from tests.test_export import make_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "expert_weights")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serving")
+    repo = root / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo)
+    checkpoint = make_checkpoint(root / "checkpoint")
+    code = to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(repo / "medoe" / "1" / "model.onnx"),
+                         "--verify-sizes", "48x64", "--verify-batches", "1"])
+    assert code == 0
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    http_port, grpc_port, metrics_port = free_ports(3)
+    handle = start_server(repository, http_port, grpc_port, metrics_port, timeout=60)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture()
+def http(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def grpc(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def reference(repository: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    session = to_onnx.onnxruntime_session(repository / "medoe" / "1" / "model.onnx")
+    return to_onnx.run_onnxruntime(session, images, ["labels", "confidence", "expert_weights"])
+
+
+def segment_request(module, data: bytes):
+    tensor = module.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=object))
+    return [tensor]
+
+
+def png(image_rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def test_ready(server, http, grpc):
+    assert server.ready() and http.is_server_ready() and grpc.is_server_ready()
+    assert set(server.models) == {"medoe", "preprocess", "postprocess", "segment"}
+    for name in server.models:
+        assert http.is_model_ready(name)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_medoe_matches_onnxruntime(protocol, repository, request):
+    client = request.getfixturevalue(protocol)
+    module = httpclient if protocol == "http" else grpcclient
+    images = random_images(2, 48, 64, seed=3)
+    tensor = module.InferInput("images", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    result = client.infer("medoe", [tensor])
+    expected = reference(repository, images)
+    np.testing.assert_array_equal(result.as_numpy("labels"), expected["labels"])
+    np.testing.assert_allclose(result.as_numpy("confidence"), expected["confidence"], atol=1e-6)
+    assert result.as_numpy("expert_weights").shape == expected["expert_weights"].shape
+
+
+def test_segment_png(http, repository):
+    image = random_images(1, 37, 45, seed=5)[0]  # 37x45: no multiple of the stride
+    result = http.infer("segment", segment_request(httpclient, png(image)))
+    outputs = {name: result.as_numpy(name) for name in SEGMENT_OUTPUTS}
+    expected = reference(repository, image[np.newaxis])
+    assert outputs["labels"].dtype == np.uint8 and outputs["labels"].shape == (37, 45)
+    np.testing.assert_array_equal(outputs["labels"], expected["labels"][0])
+    assert outputs["overlay"].dtype == np.uint8 and outputs["overlay"].shape == (37, 45, 3)
+    assert outputs["class_share"].dtype == np.float32 and outputs["class_share"].shape == (5,)
+    assert abs(float(outputs["class_share"].sum()) - 1.0) < 1e-5
+    assert outputs["expert_weights"].shape == expected["expert_weights"].shape[1:]
+
+
+def test_not_an_image_is_invalid_argument_and_server_survives(server, http, grpc):
+    with pytest.raises(httpclient.InferenceServerException) as http_error:
+        http.infer("segment", segment_request(httpclient, b"definitely not an image"))
+    assert http_error.value.status() == "400" or http_error.value.status() == 400
+    assert "not an image" in http_error.value.message()
+    with pytest.raises(grpcclient.InferenceServerException) as grpc_error:
+        grpc.infer("segment", segment_request(grpcclient, b""))
+    assert "INVALID_ARGUMENT" in str(grpc_error.value.status()) and "empty image" in grpc_error.value.message()
+    assert server.ready()
+    result = grpc.infer("segment", segment_request(grpcclient, png(random_images(1, 32, 40, seed=1)[0])))
+    assert result.as_numpy("labels").shape == (32, 40)
+
+
+def test_missing_model_is_one_line_error(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "model_repository", repo)  # medoe without model.onnx
+    with pytest.raises(ServerError, match="needs model .medoe., which has no config.pbtxt"):
+        start_server(repo, *free_ports(3))
+    process = subprocess.run([sys.executable, "-m", "serving.server", "--model-repository", str(repo)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "model.onnx" in lines[0]
+
+
+def test_config_without_onnx_is_one_line_error(repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / "medoe" / "1" / "model.onnx").unlink()
+    with pytest.raises(ServerError, match="'medoe' has no <version>/model.onnx"):
+        start_server(repo, *free_ports(3))
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, repository):
+    # Same-size requests may reach onnx_model.py together and run as one batch; each must
+    # still get its own rows back.
+    images = [random_images(1, 40, 56, seed=10 + i) for i in range(6)]
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=6)
+    try:
+        pending = []
+        for image in images:
+            tensor = httpclient.InferInput("images", list(image.shape), "UINT8")
+            tensor.set_data_from_numpy(image)
+            pending.append(client.async_infer("medoe", [tensor]))
+        results = [p.get_result() for p in pending]
+    finally:
+        client.close()
+    expected = reference(repository, np.concatenate(images))["labels"]
+    for index, result in enumerate(results):
+        np.testing.assert_array_equal(result.as_numpy("labels")[0], expected[index])
