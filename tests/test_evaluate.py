@@ -43,7 +43,7 @@ def loaded(checkpoint):
 
 @pytest.fixture(scope="module")
 def whole_metrics(loaded):
-    dataset = get_dataset(loaded.config, "val", train=False)
+    dataset = get_dataset(loaded.config, "val")
     # Positional call, as train.py and benchmark.py make it.
     return evaluate.evaluate(loaded.model, dataset, torch.device("cpu"), loaded.config, loaded.class_stats)
 
@@ -107,7 +107,7 @@ def test_slide_with_a_real_checkpoint_on_a_larger_image(loaded):
 
 def test_slide_equals_whole_when_the_crop_covers_the_image(loaded, whole_metrics):
     model, config, stats = loaded.model, loaded.config, loaded.class_stats
-    dataset = get_dataset(config, "val", train=False)
+    dataset = get_dataset(config, "val")
     images, labels = (torch.stack(t) for t in zip(*[dataset[i] for i in range(2)], strict=True))
     with torch.no_grad():
         whole, slid = model(images), slide_inference(lambda x, _: model(x), images, [64, 128])

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     results, params = {}, {}
     for name in names:
         checkpoint = load_checkpoint(Path(args.work_dir) / name / "final", device)
-        dataset = get_dataset(checkpoint.config, args.split, train=False)
+        dataset = get_dataset(checkpoint.config, args.split)
         results[name] = evaluate(checkpoint.model, dataset, device, checkpoint.config, checkpoint.class_stats)
         params[name] = count_parameters(checkpoint.model)
     config = checkpoint.config

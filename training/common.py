@@ -29,7 +29,8 @@ def load_config(name_or_path: str) -> MEDOEConfig:
     return MEDOEConfig.load(path)
 
 
-def get_dataset(config: MEDOEConfig, split: str, train: bool) -> Dataset:
+def get_dataset(config: MEDOEConfig, split: str) -> Dataset:
+    """The un-augmented dataset; training wraps it in AugmentedSamples."""
     kwargs = {}
     if config.dataset == "synthetic":
         height, width = config.synthetic_size
@@ -45,7 +46,7 @@ def compute_class_stats(config: MEDOEConfig, work_dir: Path) -> ClassStats:
     path = work_dir / "class_stats.json"
     if path.is_file():
         return ClassStats.load(path)
-    dataset = get_dataset(config, "train", train=False)
+    dataset = get_dataset(config, "train")
     stats = ClassStats.from_label_maps(
         (dataset.label_map(i) for i in range(len(dataset))), dataset.class_names, config.ignore_index
     )

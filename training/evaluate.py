@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         stats = checkpoint.class_stats
         if stats is None:
             raise CheckpointError(f"{args.checkpoint} has no class_stats.json (needed for head/body/tail)")
-        dataset = get_dataset(config, args.split, train=False)
+        dataset = get_dataset(config, args.split)
         metrics = evaluate(checkpoint.model, dataset, torch.device(args.device), config, stats,
                            Path(args.save_preds) if args.save_preds else None, slide=args.slide)
         mode = (f"sliding window {config.crop_size[0]}x{config.crop_size[1]}, stride "

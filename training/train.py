@@ -127,7 +127,7 @@ def train_stage(model, config, stage, stats, work_dir: Path, args, device, start
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     stage_loss = dist.wrap(StageLoss(model, config, stage, stats).to(device), device)
-    dataset = get_dataset(config, "train", train=True)
+    dataset = get_dataset(config, "train")
     batches = SeededBatches(len(dataset), config.batch_size, config.seed + 1000 * stage, iters, start_iter, dist.rank(), dist.world_size())
     loader = make_loader(dataset, batches, config.num_workers, config.seed, config.crop_size)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     try:
         stats = compute_class_stats(config, work_dir)
         config = config.replace(num_classes=stats.num_classes, class_names=stats.class_names,
-                                palette=[list(c) for c in get_dataset(config, "train", train=False).palette])
+                                palette=[list(c) for c in get_dataset(config, "train").palette])
         start_stage, start_iter, state, model = 1, 0, None, None
         if args.resume and (work_dir / "last").is_dir():
             checkpoint = load_checkpoint(work_dir / "last", device, train_state=True)
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
             save_checkpoint(work_dir / "final", model, stats)
             print(f"saved {work_dir / 'final'}")
             if args.eval:
-                metrics = evaluate(model, get_dataset(config, "val", train=False), device, config, stats)
+                metrics = evaluate(model, get_dataset(config, "val"), device, config, stats)
                 (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 print(format_table({config.model: metrics}))
     except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as err:
