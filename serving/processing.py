@@ -13,6 +13,9 @@ import numpy as np
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 8000x5000; a 30000x30000 image would need 2.7 GB as RGB
 MAX_SIDE = 16384  # OpenCV's own decoders refuse wider images; say so before they do
+# PNG IHDR colour types other than 2 (RGB). The wire contract is RGB; silently expanding grey
+# or dropping alpha would segment something other than what the caller meant, so refuse.
+PNG_COLOUR_TYPES = {0: "grayscale", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 
 
 def image_header(data: bytes) -> tuple[str, int, int, int] | None:
@@ -100,6 +103,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         if width * height > max_pixels or max(width, height) > MAX_SIDE:
             raise ValueError(f"{kind} image is {width}x{height}, over the limit of {max_pixels} pixels "
                              f"and {MAX_SIDE} per side")
+        if kind == "PNG" and data[25] in PNG_COLOUR_TYPES:
+            raise ValueError(f"{PNG_COLOUR_TYPES[data[25]]} PNG is not supported: send an 8-bit RGB image")
     # IMREAD_COLOR applies the EXIF orientation (no IMREAD_IGNORE_ORIENTATION), drops alpha
     # and expands greyscale to 3 channels; IMREAD_ANYDEPTH is off, so 16-bit would be scaled.
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

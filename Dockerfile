@@ -1,0 +1,31 @@
+# Triton 2.51 serving model_repository/ (SPEC §9): `segment` ensemble, python-backend
+# preprocess/postprocess, and `medoe` on the container's native onnxruntime backend.
+#
+# medoe's files are generated, not committed; build them before `docker build`:
+#   python -m export.to_onnx --checkpoint work/run/final --out model_repository/medoe/1/model.onnx
+#   docker build -t medoe-triton . && docker run -p 8000:8000 -p 8001:8001 -p 8002:8002 medoe-triton
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+# Only what the python models import: serving.processing (numpy, cv2) and, in postprocess,
+# tritonclient's model_config_pb2 to read medoe's palette. Pins satisfy pyproject.toml.
+RUN python3 -m pip install --no-cache-dir \
+        numpy==1.26.4 \
+        opencv-python-headless==4.11.0.86 \
+        tritonclient[grpc]==2.51.0
+
+# model.py files import `serving.processing`; a .pth file (not PYTHONPATH) puts it on the
+# path because the python backend stub may run its interpreter isolated.
+COPY serving/__init__.py serving/processing.py /opt/medoe/serving/
+RUN echo /opt/medoe > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/medoe.pth"
+
+COPY model_repository/ /models/
+RUN test -f /models/medoe/1/model.onnx -a -f /models/medoe/config.pbtxt \
+    || { echo "model_repository/medoe is not exported: run python -m export.to_onnx first" >&2; exit 1; }
+
+RUN useradd --create-home --uid 10001 medoe
+USER medoe
+
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/health/ready', timeout=4)"
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none"]

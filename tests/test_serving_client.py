@@ -1,0 +1,133 @@
+"""serving.client against the real embedded server: both protocols, both models, --check, failures.
+
+Reuses test_serving_server's fixtures (a tiny exported model, one server for the module).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton ships the tritonserver binary")
+pytest.importorskip("tritonclient.grpc")
+
+from export.graph import random_images  # noqa: E402
+from serving import client  # noqa: E402
+from tests.test_serving_server import free_ports, png, reference, repository, server  # noqa: E402, F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    # Two same-sized images (one medoe batch) and one of another size (no stride multiple).
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for index, (h, w) in enumerate([(40, 56), (40, 56), (37, 45)]):
+        path = folder / f"img{index}.png"
+        path.write_bytes(png(random_images(1, h, w, seed=20 + index)[0]))
+        paths.append(path)
+    return paths
+
+
+def url(server, protocol):  # noqa: F811
+    return server.http_url if protocol == "http" else server.grpc_url
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.client", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("model", ["segment", "medoe"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_library_matches_onnxruntime(protocol, model, server, repository, images):  # noqa: F811
+    results, meta = client.segment_images(images, url(server, protocol), protocol, model, retries=0)
+    assert meta.class_names and meta.max_batch_size >= 1
+    for path, result in zip(images, results, strict=True):
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        expected = reference(repository, image[np.newaxis])
+        assert result.name == path.stem
+        np.testing.assert_array_equal(result.labels, expected["labels"][0])
+        assert result.overlay.shape == image.shape and result.overlay.dtype == np.uint8
+        assert result.class_share.shape == (len(meta.class_names),)
+        assert abs(float(result.class_share.sum()) - 1.0) < 1e-5
+        assert result.expert_weights.shape == expected["expert_weights"].shape[1:]
+
+
+def test_both_models_give_the_same_overlay(server, images):  # noqa: F811
+    # The medoe path recomputes overlay/class_share in the client; they must match the ensemble's.
+    segment, _ = client.segment_images(images, server.http_url, "http", "segment", retries=0)
+    medoe, _ = client.segment_images(images, server.http_url, "http", "medoe", retries=0)
+    for a, b in zip(segment, medoe, strict=True):
+        np.testing.assert_array_equal(a.overlay, b.overlay)
+        np.testing.assert_allclose(a.class_share, b.class_share, atol=1e-6)
+
+
+def test_bytes_are_accepted(server, images):  # noqa: F811
+    results, _ = client.segment_images([images[2].read_bytes()], server.grpc_url, "grpc", retries=0)
+    assert results[0].name == "image0" and results[0].labels.shape == (37, 45)
+
+
+@pytest.mark.parametrize("protocol, model", [("http", "segment"), ("grpc", "medoe")])
+def test_cli_writes_pngs_and_check_passes(protocol, model, server, repository, images, tmp_path):  # noqa: F811
+    process = run_cli(*images, "--url", url(server, protocol), "--protocol", protocol, "--model", model,
+                      "--out", tmp_path, "--check", "--onnx", repository / "medoe" / "1" / "model.onnx")
+    assert process.returncode == 0, process.stderr
+    assert "check: labels agree with onnxruntime on 100.0000% of pixels" in process.stdout
+    for path in images:
+        labels = cv2.imread(str(tmp_path / f"{path.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+        overlay = cv2.imread(str(tmp_path / f"{path.stem}_overlay.png"), cv2.IMREAD_UNCHANGED)
+        assert labels.ndim == 2 and overlay.shape == (*labels.shape, 3)
+
+
+def test_check_fails_on_disagreeing_labels(server, images):  # noqa: F811
+    # Labels that disagree with onnxruntime must fail the smoke test with exit 1.
+    results, _ = client.segment_images(images[:1], server.http_url, retries=0)
+    results[0].labels = results[0].labels + 1
+    items = client.read_inputs(images[:1])
+    onnx_path = Path(server.workdir) / "models" / "medoe" / "1" / "model.onnx"
+    assert client.check_against_onnx(results, items, onnx_path) < client.MIN_AGREEMENT
+
+
+def test_missing_file_is_exit_2_one_line(server, tmp_path):  # noqa: F811
+    process = run_cli(tmp_path / "nope.png", "--url", server.http_url, "--out", tmp_path)
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read") and "nope.png" in lines[0]
+
+
+def test_server_refusal_is_exit_1_with_servers_message(server, tmp_path):  # noqa: F811
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not an image")
+    process = run_cli(bad, "--url", server.grpc_url, "--protocol", "grpc", "--out", tmp_path)
+    assert process.returncode == 1
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not an image" in lines[0]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_server_is_one_line_after_retries(protocol, images, tmp_path):
+    port = free_ports(1)[0]  # nothing listens there
+    process = run_cli(images[0], "--url", f"127.0.0.1:{port}", "--protocol", protocol, "--out", tmp_path,
+                      "--retries", "2", "--backoff", "0.01")
+    assert process.returncode == 1
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach 127.0.0.1:{port} after 3 attempts")
+
+
+def test_retries_back_off_exponentially(monkeypatch):
+    sleeps, calls = [], []
+    monkeypatch.setattr(client.time, "sleep", sleeps.append)
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    assert client.with_retries(flaky, 3, 0.1, "host:1") == "ok"
+    assert sleeps == [0.1, 0.2]
