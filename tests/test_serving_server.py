@@ -136,7 +136,10 @@ def test_not_an_image_is_invalid_argument_and_server_survives(server, http, grpc
 
 def test_missing_model_is_one_line_error(tmp_path):
     repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "model_repository", repo)  # medoe without model.onnx
+    shutil.copytree(ROOT / "model_repository", repo)
+    # A repository whose medoe was never exported: its generated files are absent.
+    (repo / "medoe" / "config.pbtxt").unlink(missing_ok=True)
+    (repo / "medoe" / "1" / "model.onnx").unlink(missing_ok=True)
     with pytest.raises(ServerError, match="needs model .medoe., which has no config.pbtxt"):
         start_server(repo, *free_ports(3))
     process = subprocess.run([sys.executable, "-m", "serving.server", "--model-repository", str(repo)],
