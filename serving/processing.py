@@ -163,3 +163,24 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
     if labels.shape == (height, width):
         return labels.copy()
     return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def parse_working_size(text: str) -> tuple[int, int] | None:
+    """`"HxW"` -> (H, W); `""` -> None (keep each image's own size)."""
+    if not text.strip():
+        return None
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"working_size {text!r}: expected HxW, e.g. 512x1024, or empty") from None
+    if height < 32 or width < 32:
+        raise ValueError(f"working_size {text!r}: both sides must be at least 32")
+    return height, width
+
+
+def resize_to_working_size(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """One size for every request, so Triton can batch requests of different sizes."""
+    if size is None or image.shape[:2] == tuple(size):
+        return image
+    shrinking = image.shape[0] * image.shape[1] > size[0] * size[1]
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)

@@ -122,3 +122,15 @@ def test_resize_labels_nearest():
     np.testing.assert_array_equal(big[:2, :3], 0)
     np.testing.assert_array_equal(big[2:, 3:], 3)
     np.testing.assert_array_equal(resize_labels_nearest(big, (2, 2)), labels)
+
+
+def test_working_size_parsing_and_resize():
+    from serving.processing import parse_working_size, resize_to_working_size
+
+    assert parse_working_size("") is None and parse_working_size("512x1024") == (512, 1024)
+    for bad in ("512", "ax b", "16x16"):
+        with pytest.raises(ValueError, match="working_size"):
+            parse_working_size(bad)
+    image = np.zeros((37, 45, 3), np.uint8)
+    assert resize_to_working_size(image, None) is image
+    assert resize_to_working_size(image, (48, 64)).shape == (48, 64, 3)

@@ -174,3 +174,28 @@ def test_concurrent_requests_each_get_their_own_answer(server, repository):
     expected = reference(repository, np.concatenate(images))["labels"]
     for index, result in enumerate(results):
         np.testing.assert_array_equal(result.as_numpy("labels")[0], expected[index])
+
+
+def test_working_size_batches_sizes_and_answers_at_the_original_size(repository, tmp_path):
+    from serving.processing import resize_labels_nearest, resize_to_working_size
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    config = repo / "preprocess" / "config.pbtxt"
+    text = config.read_text()
+    assert 'key: "working_size"\n  value: { string_value: "" }' in text
+    config.write_text(text.replace('key: "working_size"\n  value: { string_value: "" }',
+                                   'key: "working_size"\n  value: { string_value: "48x64" }'))
+    handle = start_server(repo, *free_ports(3), timeout=60)
+    client = httpclient.InferenceServerClient(handle.http_url)
+    try:
+        for seed, (height, width) in enumerate([(37, 45), (90, 70)]):
+            image = random_images(1, height, width, seed=seed)[0]
+            result = client.infer("segment", segment_request(httpclient, png(image)))
+            labels = result.as_numpy("labels")
+            expected = reference(repo, resize_to_working_size(image, (48, 64))[np.newaxis])
+            assert labels.shape == (height, width) and result.as_numpy("overlay").shape == (height, width, 3)
+            np.testing.assert_array_equal(labels, resize_labels_nearest(expected["labels"][0], (height, width)))
+    finally:
+        client.close()
+        handle.stop()

@@ -47,7 +47,7 @@ class TritonPythonModel:
             image = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()[0]
             labels = pb_utils.get_input_tensor_by_name(request, "labels").as_numpy()[0]
             weights = pb_utils.get_input_tensor_by_name(request, "expert_weights").as_numpy()[0]
-            # The graph already answers at the input's size; resize only if a model does not.
+            # `images` is the original image; labels come at the working size when preprocess resized.
             labels = resize_labels_nearest(labels, image.shape[:2])
             outputs = {"labels": labels, "overlay": overlay(image, labels, self.palette, self.alpha),
                        "class_share": class_share(labels, self.num_classes),

@@ -1,4 +1,5 @@
-"""`image` BYTES [1] -> `images` uint8 [1, H, W, 3] RGB; a bad image is an INVALID_ARG error."""
+"""`image` BYTES [1] -> `images` uint8 [1, h, w, 3] for the model (resized to the optional
+working size) and `original` uint8 [1, H, W, 3] for postprocess; a bad image is INVALID_ARG."""
 
 # First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
 import triton_python_backend_utils as pb_utils  # isort: skip
@@ -7,13 +8,19 @@ import json
 
 import numpy as np
 
-from serving.processing import DEFAULT_MAX_PIXELS, decode_image
+from serving.processing import (
+    DEFAULT_MAX_PIXELS,
+    decode_image,
+    parse_working_size,
+    resize_to_working_size,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"]).get("parameters", {})
         self.max_pixels = int(parameters.get("max_pixels", {}).get("string_value", DEFAULT_MAX_PIXELS))
+        self.working_size = parse_working_size(parameters.get("working_size", {}).get("string_value", ""))
 
     def execute(self, requests):
         responses = []
@@ -28,5 +35,7 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", image[np.newaxis])]))
+            model_input = resize_to_working_size(image, self.working_size)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("images", model_input[np.newaxis]), pb_utils.Tensor("original", image[np.newaxis])]))
         return responses
