@@ -39,6 +39,13 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def barrier() -> None:
+    # Ranks other than 0 finish before rank 0 has written checkpoints and evaluated; tearing
+    # down gloo while a peer still holds the group can abort that peer, so all wait first.
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
 def cleanup() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

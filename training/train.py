@@ -207,6 +207,7 @@ def main(argv=None) -> int:
             total = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
             if iters_done < total and not train_stage(model, config, stage, stats, work_dir, args, device, iters_done, state if resumed else None):
                 print(f"stopped after {args.stop_after} iterations; continue with --resume")
+                dist.barrier()
                 return 0
             if config.is_medoe and stage == 1 and dist.is_main():
                 save_checkpoint(work_dir / "stage1", model, stats)
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
                 metrics = evaluate(model, get_dataset(config, "val"), device, config, stats)
                 (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 print(format_table({config.model: metrics}))
+        dist.barrier()
     except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
