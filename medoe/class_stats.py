@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import pairwise
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from medoe.config import atomic_write_text
 
 DEFAULT_THRESHOLDS = (0.80, 0.95)
 GROUP_NAMES = ("head", "body", "tail")
@@ -185,18 +186,7 @@ class ClassStats:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Temp file in the same directory so os.replace is an atomic rename: readers never see
-        # a half-written file even if the process dies mid-write.
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassStats:
