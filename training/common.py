@@ -41,14 +41,13 @@ def get_dataset(config: MEDOEConfig, split: str) -> Dataset:
     return build_dataset(config.dataset, config.data_root or None, split=split, **kwargs)
 
 
-def compute_class_stats(config: MEDOEConfig, work_dir: Path) -> ClassStats:
+def compute_class_stats(dataset, work_dir: Path, ignore_index: int = 255) -> ClassStats:
     """One pass over the training labels, saved once and reused by later runs and stages."""
     path = work_dir / "class_stats.json"
     if path.is_file():
         return ClassStats.load(path)
-    dataset = get_dataset(config, "train")
     stats = ClassStats.from_label_maps(
-        (dataset.label_map(i) for i in range(len(dataset))), dataset.class_names, config.ignore_index
+        (dataset.label_map(i) for i in range(len(dataset))), dataset.class_names, ignore_index
     )
     stats.save(path)
     return stats

@@ -112,7 +112,7 @@ class StageLoss(nn.Module):
         return F.cross_entropy(logits, labels, ignore_index=config.ignore_index), {}
 
 
-def train_stage(model, config, stage, stats, work_dir: Path, args, device, start_iter=0, state=None) -> bool:
+def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, device, start_iter=0, state=None) -> bool:
     """Runs one stage from `start_iter`; returns False when --stop-after ended it early."""
     iters = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
     base_lr = config.lr if stage == 1 else config.stage2_lr
@@ -127,7 +127,6 @@ def train_stage(model, config, stage, stats, work_dir: Path, args, device, start
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     stage_loss = dist.wrap(StageLoss(model, config, stage, stats).to(device), device)
-    dataset = get_dataset(config, "train")
     batches = SeededBatches(len(dataset), config.batch_size, config.seed + 1000 * stage, iters, start_iter, dist.rank(), dist.world_size())
     loader = make_loader(dataset, batches, config.num_workers, config.seed, config.crop_size)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
@@ -183,9 +182,10 @@ def main(argv=None) -> int:
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        stats = compute_class_stats(config, work_dir)
+        train_set = get_dataset(config, "train")
+        stats = compute_class_stats(train_set, work_dir, config.ignore_index)
         config = config.replace(num_classes=stats.num_classes, class_names=stats.class_names,
-                                palette=[list(c) for c in get_dataset(config, "train").palette])
+                                palette=[list(c) for c in train_set.palette])
         start_stage, start_iter, state, model = 1, 0, None, None
         if args.resume and (work_dir / "last").is_dir():
             checkpoint = load_checkpoint(work_dir / "last", device, train_state=True)
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
             resumed = stage == start_stage and state is not None
             iters_done = start_iter if resumed else 0
             total = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
-            if iters_done < total and not train_stage(model, config, stage, stats, work_dir, args, device, iters_done, state if resumed else None):
+            if iters_done < total and not train_stage(model, config, stage, stats, train_set, work_dir, args, device, iters_done, state if resumed else None):
                 print(f"stopped after {args.stop_after} iterations; continue with --resume")
                 dist.barrier()
                 return 0
