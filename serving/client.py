@@ -26,8 +26,8 @@ import numpy as np
 
 from serving.processing import class_share, decode_image, overlay, palette_array
 
-SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "expert_weights")
-MEDOE_OUTPUTS = ("labels", "expert_weights")
+SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "confidence", "expert_weights")
+MEDOE_OUTPUTS = ("labels", "confidence", "expert_weights")
 MIN_AGREEMENT = 0.9999
 
 
@@ -45,6 +45,7 @@ class Result:
     labels: np.ndarray  # uint8 [H, W]
     overlay: np.ndarray  # uint8 [H, W, 3] RGB
     class_share: np.ndarray  # float32 [C]
+    confidence: np.ndarray  # float32 [H, W], max of the final class probabilities
     expert_weights: np.ndarray  # float32 [K, h, w]
     image: np.ndarray | None = None  # decoded RGB, only when decoded here (medoe, --check)
 
@@ -191,10 +192,11 @@ def segment_images(paths_or_bytes: Sequence[str | Path | bytes], url: str, proto
                                retries, backoff, url)
         results: list[Result | None] = [None] * len(items)
         for ids, answer in zip(batches, answers, strict=True):
-            labels, weights = answer.as_numpy("labels"), answer.as_numpy("expert_weights")
+            labels, confidence, weights = (answer.as_numpy(n) for n in MEDOE_OUTPUTS)
             for row, i in enumerate(ids):
                 results[i] = Result(items[i][0], labels[row], overlay(decoded[i], labels[row], meta.palette),
-                                    class_share(labels[row], len(meta.class_names)), weights[row], decoded[i])
+                                    class_share(labels[row], len(meta.class_names)), confidence[row], weights[row],
+                                    decoded[i])
         return results, meta
     finally:
         client.close()

@@ -165,6 +165,17 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
     return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[h, w] float map (confidence, one expert's weight) -> float32 [H, W] by bilinear resize."""
+    height, width = size
+    if height < 1 or width < 1:
+        raise ValueError(f"target size {size} must be positive")
+    values = np.ascontiguousarray(values, np.float32)
+    if values.shape == (height, width):
+        return values.copy()
+    return cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def parse_working_size(text: str) -> tuple[int, int] | None:
     """`"HxW"` -> (H, W); `""` -> None (keep each image's own size)."""
     if not text.strip():

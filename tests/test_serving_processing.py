@@ -124,6 +124,18 @@ def test_resize_labels_nearest():
     np.testing.assert_array_equal(resize_labels_nearest(big, (2, 2)), labels)
 
 
+def test_resize_map_is_bilinear_and_keeps_range():
+    from serving.processing import resize_map
+
+    values = np.array([[0.0, 1.0]], np.float32)
+    wide = resize_map(values, (1, 4))
+    assert wide.dtype == np.float32 and wide.shape == (1, 4)
+    np.testing.assert_allclose(wide, [[0.0, 0.25, 0.75, 1.0]])  # pixel-centre sampling, clamped at the edges
+    assert resize_map(values, (1, 2)) is not values
+    with pytest.raises(ValueError, match="positive"):
+        resize_map(values, (0, 3))
+
+
 def test_working_size_parsing_and_resize():
     from serving.processing import parse_working_size, resize_to_working_size
 

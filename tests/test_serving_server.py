@@ -24,7 +24,7 @@ from serving.server import ServerError, start_server  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "expert_weights")
+SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "confidence", "expert_weights")
 
 
 def free_ports(count: int) -> list[int]:
@@ -118,6 +118,7 @@ def test_segment_png(http, repository):
     assert outputs["overlay"].dtype == np.uint8 and outputs["overlay"].shape == (37, 45, 3)
     assert outputs["class_share"].dtype == np.float32 and outputs["class_share"].shape == (5,)
     assert abs(float(outputs["class_share"].sum()) - 1.0) < 1e-5
+    np.testing.assert_allclose(outputs["confidence"], expected["confidence"][0], atol=1e-6)
     assert outputs["expert_weights"].shape == expected["expert_weights"].shape[1:]
 
 
@@ -177,7 +178,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, repository):
 
 
 def test_working_size_batches_sizes_and_answers_at_the_original_size(repository, tmp_path):
-    from serving.processing import resize_labels_nearest, resize_to_working_size
+    from serving.processing import resize_labels_nearest, resize_map, resize_to_working_size
 
     repo = tmp_path / "repo"
     shutil.copytree(repository, repo)
@@ -196,6 +197,8 @@ def test_working_size_batches_sizes_and_answers_at_the_original_size(repository,
             expected = reference(repo, resize_to_working_size(image, (48, 64))[np.newaxis])
             assert labels.shape == (height, width) and result.as_numpy("overlay").shape == (height, width, 3)
             np.testing.assert_array_equal(labels, resize_labels_nearest(expected["labels"][0], (height, width)))
+            np.testing.assert_allclose(result.as_numpy("confidence"),
+                                       resize_map(expected["confidence"][0], (height, width)), atol=1e-6)
     finally:
         client.close()
         handle.stop()

@@ -1,4 +1,5 @@
-"""`medoe` outputs + decoded image -> `labels` [H, W], `overlay` [H, W, 3], `class_share` [C], `expert_weights` [K, h, w]."""
+"""`medoe` outputs + decoded image -> `labels` [H, W], `overlay` [H, W, 3], `class_share` [C],
+`confidence` [H, W] and `expert_weights` [K, h, w]."""
 
 # First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
 import triton_python_backend_utils as pb_utils  # isort: skip
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.processing import class_share, overlay, palette_array, resize_labels_nearest
+from serving.processing import class_share, overlay, palette_array, resize_labels_nearest, resize_map
 
 
 def _parameters(config: dict) -> dict[str, str]:
@@ -46,11 +47,13 @@ class TritonPythonModel:
         for request in requests:
             image = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()[0]
             labels = pb_utils.get_input_tensor_by_name(request, "labels").as_numpy()[0]
+            confidence = pb_utils.get_input_tensor_by_name(request, "confidence").as_numpy()[0]
             weights = pb_utils.get_input_tensor_by_name(request, "expert_weights").as_numpy()[0]
             # `images` is the original image; labels come at the working size when preprocess resized.
             labels = resize_labels_nearest(labels, image.shape[:2])
             outputs = {"labels": labels, "overlay": overlay(image, labels, self.palette, self.alpha),
                        "class_share": class_share(labels, self.num_classes),
+                       "confidence": resize_map(confidence, image.shape[:2]),
                        "expert_weights": np.ascontiguousarray(weights, np.float32)}
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]))
         return responses
