@@ -18,7 +18,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -48,6 +48,7 @@ class Result:
     confidence: np.ndarray  # float32 [H, W], max of the final class probabilities
     expert_weights: np.ndarray  # float32 [K, h, w]
     image: np.ndarray | None = None  # decoded RGB, only when decoded here (medoe, --check)
+    seconds: float = 0.0  # wall time of the inference requests this result came back with
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Metadata:
     class_names: list[str]
     palette: np.ndarray  # uint8 [256, 3]
     max_batch_size: int
+    groups: dict[str, list[int]] = field(default_factory=dict)  # head/body/tail -> class ids; expert k owns group k
 
 
 def _modules(protocol: str):
@@ -122,7 +124,18 @@ def fetch_metadata(client, protocol: str) -> Metadata:
         raise ClientError("server: model 'medoe' has no `palette` parameter in its config", 1)
     palette = json.loads(parameters["palette"])
     names = json.loads(parameters.get("class_names", "null")) or [str(i) for i in range(len(palette))]
-    return Metadata(names, palette_array(palette), int(config.get("max_batch_size", 0) or 0))
+    groups = {str(k): [int(c) for c in v] for k, v in json.loads(parameters.get("groups", "{}")).items()}
+    return Metadata(names, palette_array(palette), int(config.get("max_batch_size", 0) or 0), groups)
+
+
+def get_metadata(url: str, protocol: str = "http", retries: int = 3, backoff: float = 0.5) -> Metadata:
+    """`medoe`'s metadata alone (what a UI needs before the first image)."""
+    module, _ = _modules(protocol)
+    client = module.InferenceServerClient(url)
+    try:
+        return with_retries(lambda: fetch_metadata(client, protocol), retries, backoff, url)
+    finally:
+        client.close()
 
 
 def _decode(name: str, data: bytes) -> np.ndarray:
@@ -178,9 +191,12 @@ def segment_images(paths_or_bytes: Sequence[str | Path | bytes], url: str, proto
         meta = with_retries(lambda: fetch_metadata(client, protocol), retries, backoff, url)
         if model == "segment":
             requests = [[_tensor(module, protocol, "image", np.array([data], dtype=object), "BYTES")] for _, data in items]
+            start = time.perf_counter()
             answers = with_retries(lambda: _gather(client, protocol, module, "segment", requests, SEGMENT_OUTPUTS),
                                    retries, backoff, url)
-            return [Result(name, *(a.as_numpy(n) for n in SEGMENT_OUTPUTS)) for (name, _), a in zip(items, answers, strict=True)], meta
+            seconds = time.perf_counter() - start
+            return [Result(name, *(a.as_numpy(n) for n in SEGMENT_OUTPUTS), seconds=seconds)
+                    for (name, _), a in zip(items, answers, strict=True)], meta
         # Same-sized images go together, at most max_batch_size per request (0: no batching).
         groups: dict[tuple, list[int]] = {}
         for index, image in enumerate(decoded):
@@ -188,15 +204,17 @@ def segment_images(paths_or_bytes: Sequence[str | Path | bytes], url: str, proto
         step = meta.max_batch_size or 1
         batches = [ids[i:i + step] for ids in groups.values() for i in range(0, len(ids), step)]
         requests = [[_tensor(module, protocol, "images", np.stack([decoded[i] for i in ids]), "UINT8")] for ids in batches]
+        start = time.perf_counter()
         answers = with_retries(lambda: _gather(client, protocol, module, "medoe", requests, MEDOE_OUTPUTS),
                                retries, backoff, url)
+        seconds = time.perf_counter() - start
         results: list[Result | None] = [None] * len(items)
         for ids, answer in zip(batches, answers, strict=True):
             labels, confidence, weights = (answer.as_numpy(n) for n in MEDOE_OUTPUTS)
             for row, i in enumerate(ids):
                 results[i] = Result(items[i][0], labels[row], overlay(decoded[i], labels[row], meta.palette),
                                     class_share(labels[row], len(meta.class_names)), confidence[row], weights[row],
-                                    decoded[i])
+                                    decoded[i], seconds)
         return results, meta
     finally:
         client.close()
