@@ -74,10 +74,17 @@ def demo():
             process.kill()
             pytest.fail(f"demo did not come up: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.3)
+    children = _children(process.pid)
     yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    if process.poll() is None:  # a test failed before the Ctrl-C test: stop it the same way
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    for pid in children:  # never leave a tritonserver behind, whatever happened above
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _image(url: str) -> np.ndarray:
