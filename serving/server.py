@@ -175,8 +175,27 @@ class ServerHandle:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._end_stubs()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self.process.returncode
+
+    def _end_stubs(self, timeout: float = 5.0) -> None:
+        # The python-backend stubs share tritonserver's process group (start_new_session) and
+        # notice their parent is gone only at their next health poll: end them now, so that
+        # nothing is left running once stop() returns.
+        group = self.process.pid
+        deadline = time.monotonic() + timeout
+        sig = signal.SIGTERM
+        while True:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            if time.monotonic() > deadline:
+                return  # only unreaped zombies can be left here; they hold no memory or ports
+            if sig == signal.SIGTERM and time.monotonic() > deadline - timeout / 2:
+                sig = signal.SIGKILL
+            time.sleep(0.1)
 
 
 def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
