@@ -1,16 +1,19 @@
 """Checkpoint directories: `model.safetensors` + `config.json` + `class_stats.json`.
 
-A directory is written whole into a temporary sibling and renamed into place, so a reader
-(or a crash mid-save) sees either the previous checkpoint or the new one, never a mix.
+A directory is written whole into a temporary sibling and swapped into place in one step
+(renameat2 RENAME_EXCHANGE; two renames where the OS or filesystem lacks it), so a reader (or
+a crash mid-save) sees either the previous checkpoint or the new one, never a mix.
 Weights are safetensors and the optional training state is read with `weights_only=True`:
 loading a checkpoint never runs code from it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +48,10 @@ def save_checkpoint(
 ) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-save leaves its hidden staging folder behind; one writer per checkpoint
+    # (rank 0), so any such folder is stale by now and would only pile up across preemptions.
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -64,13 +71,38 @@ def save_checkpoint(
     return directory
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or the filesystem cannot (the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _swap_into_place(staging: Path, directory: Path) -> None:
     if not directory.exists():
         os.replace(staging, directory)
         return
+    # Two renames (old out, new in) would leave no `directory` at all for a process killed
+    # between them, and `--resume` would then start over; the exchange has no such moment.
+    if _exchange(staging, directory):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the previous checkpoint
+        return
     retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
     os.replace(directory, retired / directory.name)
-    os.replace(staging, directory)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(retired / directory.name, directory)  # put the previous checkpoint back
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 
