@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serving.processing import DEFAULT_MAX_PIXELS
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -32,6 +34,10 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o["name"] for o in config["output"]]
+        # `preprocess` limits what `segment` decodes; a client calling this model directly with
+        # raw [N, H, W, 3] tensors meets the same limit here, before any activation is allocated.
+        parameters = config.get("parameters", {})
+        self.max_pixels = int(parameters.get("max_pixels", {}).get("string_value", DEFAULT_MAX_PIXELS))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.outputs, feeds)
@@ -46,6 +52,10 @@ class TritonPythonModel:
                     errors[index] = f"missing input tensor {name!r}"
                     break
                 feed[name] = tensor.as_numpy()
+                if feed[name].ndim == 4 and feed[name].shape[1] * feed[name].shape[2] > self.max_pixels:
+                    height, width = feed[name].shape[1:3]
+                    errors[index] = f"{name} is {width}x{height}, over the limit of {self.max_pixels} pixels per image"
+                    break
             feeds.append(feed)
         results: dict[int, list[np.ndarray]] = {}
         good = [i for i in range(len(requests)) if i not in errors]
