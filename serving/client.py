@@ -13,6 +13,7 @@ Exit codes: 0 ok, 1 server error (with the server's message) or failed --check, 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import queue
 import sys
@@ -72,8 +73,19 @@ def _modules(protocol: str):
 
 
 def _is_connection_error(err: Exception) -> bool:
-    # HTTP surfaces socket errors as OSError; gRPC as an UNAVAILABLE status.
-    return isinstance(err, OSError) or "UNAVAILABLE" in str(getattr(err, "status", lambda: "")())
+    # HTTP surfaces socket errors as OSError, a connection the server closed mid-request (it was
+    # killed) as geventhttpclient's HTTPConnectionClosed, an http.client.HTTPException; gRPC as UNAVAILABLE.
+    return isinstance(err, OSError | http.client.HTTPException) or "UNAVAILABLE" in str(getattr(err, "status", lambda: "")())
+
+
+# Answers that a retry can fix: the server (or a python-backend stub, "Stub process ... is not
+# healthy") failed, is restarting or is overloaded. A bad request (HTTP 400 / INVALID_ARGUMENT)
+# gets the same answer every time, so it fails at once with the server's message.
+TRANSIENT_STATUSES = {"500", "502", "503", "504", "StatusCode.INTERNAL", "StatusCode.UNAVAILABLE"}
+
+
+def _is_transient(err: Exception) -> bool:
+    return _is_connection_error(err) or str(getattr(err, "status", lambda: "")()) in TRANSIENT_STATUSES
 
 
 def _server_message(err: Exception) -> str:
@@ -82,16 +94,20 @@ def _server_message(err: Exception) -> str:
 
 
 def with_retries(call: Callable, retries: int, backoff: float, url: str):
-    """call() retried on connection errors after backoff, 2*backoff, 4*backoff ... seconds."""
+    """call() retried on connection errors and transient server errors (HTTP 5xx, gRPC
+    UNAVAILABLE/INTERNAL) after backoff, 2*backoff, 4*backoff ... seconds."""
     _, server_error = _modules("http")
     for attempt in range(retries + 1):
         try:
             return call()
-        except (OSError, server_error) as err:
-            if not _is_connection_error(err):
+        except (OSError, http.client.HTTPException, server_error) as err:
+            if not _is_transient(err):
                 raise ClientError(f"server: {_server_message(err)}", 1) from None
             if attempt == retries:
-                raise ClientError(f"cannot reach {url} after {retries + 1} attempts: {_server_message(err)}", 1) from None
+                if _is_connection_error(err):
+                    raise ClientError(f"cannot reach {url} after {retries + 1} attempts: {_server_message(err)}", 1) from None
+                tries = f" (after {retries + 1} attempts)" if retries else ""
+                raise ClientError(f"server: {_server_message(err)}{tries}", 1) from None
             time.sleep(backoff * 2 ** attempt)
 
 
@@ -259,7 +275,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="directory for <stem>_labels.png and <stem>_overlay.png")
     parser.add_argument("--check", action="store_true", help="compare labels with onnxruntime on --onnx")
     parser.add_argument("--onnx", help="local ONNX graph for --check")
-    parser.add_argument("--retries", type=int, default=3, help="retries on connection errors")
+    parser.add_argument("--retries", type=int, default=3, help="retries on connection errors and HTTP 5xx / gRPC UNAVAILABLE, INTERNAL")
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds, doubled each time")
     parser.add_argument("--timeout", type=float, default=60.0, help="HTTP connection/network timeout in seconds")
     return parser.parse_args(argv)

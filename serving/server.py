@@ -6,11 +6,18 @@
 That tritonserver has only the python backend, so the repository is served from a temporary
 variant in which every onnxruntime_onnx model (`medoe`) becomes a python model running its
 `model.onnx` with onnxruntime (serving/onnx_model.py). The source repository is not modified.
+
+A dead python-backend stub (killed, OOM) is not restarted by this Triton (2.51): the server stays
+"ready" and answers every request to that model with HTTP 500 / gRPC INTERNAL "Stub process
+'<model>_0_0' is not healthy." The CLI watches the stubs and treats a dead one like an exit of
+tritonserver: with --restart it kills tritonserver and starts it again on the same ports (at most
+--max-restarts times within --restart-window seconds), without it it stops and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import signal
@@ -141,6 +148,8 @@ class ServerHandle:
     metrics_port: int
     log_path: Path
     models: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)  # tritonserver's argv, for restart()
+    stubs: dict[int, tuple[str, str]] = field(default_factory=dict)  # pid -> (instance, shm region), once ready
 
     @property
     def http_url(self) -> str:
@@ -167,6 +176,44 @@ class ServerHandle:
         except OSError:
             return ""
 
+    def wait_ready(self, timeout: float, abort=lambda: False) -> None:
+        """Waits for readiness, then records the stubs; raises ServerError (the caller stops the server)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline or abort():
+                if self.process.poll() is not None:
+                    reason = _exit_reason(self.process.returncode)
+                    if self.process.returncode > 0:  # a killed server's log tells nothing about why
+                        reason += f": {_first_error(self.log_tail(400))}"
+                else:
+                    reason = "start interrupted" if abort() else f"not ready after {timeout:.0f} s: {_first_error(self.log_tail(400))}"
+                self._find_stubs()  # those started so far, so that stop() or restart() removes their shm regions
+                raise ServerError(f"tritonserver {reason}")
+            time.sleep(0.2)
+        self._find_stubs()  # every model is loaded once ready (--model-control-mode=none): every stub exists now
+
+    def _find_stubs(self) -> None:
+        self.stubs = {pid: (argv[8], argv[2]) for pid, argv in _child_processes(self.process.pid).items()
+                      if len(argv) > 8 and argv[0].endswith("triton_python_backend_stub")}
+
+    def dead_stubs(self) -> list[str]:
+        """Model instances (e.g. `medoe_0_0`) whose python-backend stub has died since the server got ready."""
+        return [name for pid, (name, _) in self.stubs.items() if not _alive_child(pid, self.process.pid)]
+
+    def restart(self, timeout: float = 120.0, abort=lambda: False) -> None:
+        """Kills tritonserver and its stubs and starts it again with the same command: same ports and repository.
+
+        SIGKILL, not SIGTERM: after a stub died, SIGTERM waits the whole --exit-timeout-secs for
+        the model that cannot unload, and requests in flight fail either way (clients retry).
+        """
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._end_stubs()
+        self._remove_shm()
+        self.process = _spawn(self.command, self.log_path, self.workdir)
+        self.wait_ready(timeout, abort)
+
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)  # Triton drains in-flight requests on SIGTERM
@@ -176,8 +223,15 @@ class ServerHandle:
                 self.process.kill()
                 self.process.wait()
         self._end_stubs()
+        self._remove_shm()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self.process.returncode
+
+    def _remove_shm(self) -> None:
+        # Triton unlinks a stub's /dev/shm region when it unloads the model; after a SIGKILL, or
+        # a dead stub whose model cannot unload, nobody does, and each leaks (MiBs, until reboot).
+        for _, region in self.stubs.values():
+            Path("/dev/shm", region).unlink(missing_ok=True)
 
     def _end_stubs(self, timeout: float = 5.0) -> None:
         # The python-backend stubs share tritonserver's process group (start_new_session) and
@@ -219,18 +273,45 @@ def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int =
                f"--grpc-address={host}", f"--grpc-port={grpc_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=true",
                "--strict-readiness=true", "--exit-timeout-secs=10", "--log-verbose=0"]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=workdir, start_new_session=True)
-    handle = ServerHandle(process, workdir, host, http_port, grpc_port, metrics_port, log_path, models)
-    deadline = time.monotonic() + timeout
-    while not handle.ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            reason = f"exited with {process.returncode}" if process.poll() is not None else f"not ready after {timeout:.0f} s"
-            handle.stop(5)
-            raise ServerError(f"tritonserver {reason}: {_first_error(handle.log_tail(400))}")
-        time.sleep(0.2)
+    handle = ServerHandle(_spawn(command, log_path, workdir), workdir, host, http_port, grpc_port, metrics_port,
+                          log_path, models, command)
+    try:
+        handle.wait_ready(timeout)
+    except ServerError:
+        handle.stop(5)
+        raise
     return handle
+
+
+def _spawn(command: list[str], log_path: Path, workdir: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=workdir, start_new_session=True)
+
+
+def _exit_reason(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exited with {code}"
+
+
+def _child_processes(parent: int) -> dict[int, list[str]]:
+    """argv of every direct child of `parent`, from /proc (the stubs may be forked by any of its threads)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                children[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+    return children
+
+
+def _alive_child(pid: int, parent: int) -> bool:
+    # A killed stub stays a zombie: tritonserver never reaps it. The parent check guards against pid reuse.
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return False
+    return state != "Z" and int(ppid) == parent
 
 
 def _first_error(log: str) -> str:
@@ -252,7 +333,14 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     parser.add_argument("--log-file", help="tritonserver's log (default: a file in the temporary directory)")
-    return parser.parse_args(argv)
+    parser.add_argument("--restart", action="store_true",
+                        help="start tritonserver again when it exits unexpectedly or a python-backend stub dies")
+    parser.add_argument("--max-restarts", type=int, default=5, help="with --restart: give up (exit 1) after this many ...")
+    parser.add_argument("--restart-window", type=float, default=60.0, help="... restarts within this many seconds")
+    args = parser.parse_args(argv)
+    if args.max_restarts < 0 or args.restart_window <= 0:
+        parser.error("--max-restarts must be >= 0 and --restart-window > 0")
+    return args
 
 
 def main(argv=None) -> int:
@@ -272,12 +360,37 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, forward)
     print(f"ready: models {', '.join(handle.models)}\n  HTTP    http://{handle.http_url}\n"
           f"  gRPC    {handle.grpc_url}\n  metrics {handle.metrics_url}\n  log     {handle.log_path}", flush=True)
-    while not stopping and handle.process.poll() is None:
-        time.sleep(0.5)
-    if not stopping:
-        print(f"error: tritonserver exited with {handle.process.returncode}: {handle.log_tail(1)}", file=sys.stderr)
-        handle.stop()
-        return 1
+    restarts: collections.deque[float] = collections.deque()  # times of the restarts within the window
+    failure = None
+    while not stopping:
+        if failure is None and handle.process.poll() is not None:
+            failure = f"tritonserver {_exit_reason(handle.process.returncode)}"
+            if handle.process.returncode > 0:
+                failure += f": {handle.log_tail(1)}"
+        elif failure is None and (dead := handle.dead_stubs()):
+            failure = f"python-backend stub of {', '.join(dead)} died; Triton 2.51 does not restart it"
+        elif failure is None:
+            time.sleep(0.5)
+            continue
+        while restarts and restarts[0] < time.monotonic() - args.restart_window:
+            restarts.popleft()
+        if not args.restart or len(restarts) >= args.max_restarts:
+            limit = f" ({len(restarts)} restarts within {args.restart_window:.0f} s)" if args.restart else ""
+            print(f"error: {failure}{limit}", file=sys.stderr, flush=True)
+            handle.stop(2)  # short: with a dead stub, Triton's SIGTERM waits its whole exit timeout in vain
+            return 1
+        restarts.append(time.monotonic())
+        backoff = min(0.5 * 2 ** (len(restarts) - 1), 8.0)  # a crash loop must not spin
+        print(f"restart: {failure}; starting it again on the same ports in {backoff:.1f} s "
+              f"({len(restarts)}/{args.max_restarts} within {args.restart_window:.0f} s)", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:
+            handle.restart(args.timeout, abort=lambda: bool(stopping))
+            failure = None
+        except ServerError as err:  # e.g. killed again while starting: one more failure towards the cap
+            failure = f"restart failed: {err}"
     code = handle.stop()
     return 0 if code in (0, -signal.SIGTERM) else 1
 

@@ -5,6 +5,7 @@ Reuses test_serving_server's fixtures (a tiny exported model, one server for the
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -103,10 +104,13 @@ def test_missing_file_is_exit_2_one_line(server, tmp_path):  # noqa: F811
 def test_server_refusal_is_exit_1_with_servers_message(server, tmp_path):  # noqa: F811
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"definitely not an image")
-    process = run_cli(bad, "--url", server.grpc_url, "--protocol", "grpc", "--out", tmp_path)
+    # INVALID_ARGUMENT is never retried: a retry would sleep the 20 s backoff first.
+    start = time.monotonic()
+    process = run_cli(bad, "--url", server.grpc_url, "--protocol", "grpc", "--out", tmp_path, "--retries", "3", "--backoff", "20")
+    assert time.monotonic() - start < 15
     assert process.returncode == 1
     lines = process.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not an image" in lines[0]
+    assert len(lines) == 1 and "not an image" in lines[0] and "attempts" not in lines[0]
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -131,3 +135,41 @@ def test_retries_back_off_exponentially(monkeypatch):
 
     assert client.with_retries(flaky, 3, 0.1, "host:1") == "ok"
     assert sleeps == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("status, retried", [
+    ("500", True), ("503", True), ("StatusCode.INTERNAL", True),
+    ("400", False), ("StatusCode.INVALID_ARGUMENT", False), ("404", False)])
+def test_only_transient_server_errors_are_retried(status, retried, monkeypatch):
+    # A dead python-backend stub answers 500 / INTERNAL until serving.server restarts Triton;
+    # a bad request answers 400 / INVALID_ARGUMENT every time and must fail at once.
+    # (gRPC UNAVAILABLE is retried as a connection error: test_unreachable_server_is_one_line_after_retries.)
+    from tritonclient.utils import InferenceServerException
+
+    sleeps, calls = [], []
+    monkeypatch.setattr(client.time, "sleep", sleeps.append)
+
+    def failing():
+        calls.append(1)
+        raise InferenceServerException("Stub process 'medoe_0_0' is not healthy.", status=status)
+
+    with pytest.raises(client.ClientError, match="^server: Stub process 'medoe_0_0' is not healthy") as error:
+        client.with_retries(failing, 2, 0.1, "host:1")
+    assert len(calls) == (3 if retried else 1) and sleeps == ([0.1, 0.2] if retried else [])
+    assert ("after 3 attempts" in str(error.value)) == retried
+
+
+def test_connection_closed_mid_request_is_retried(monkeypatch):
+    # geventhttpclient's HTTPConnectionClosed (the server was killed mid-request) is no OSError.
+    from geventhttpclient.response import HTTPConnectionClosed
+
+    monkeypatch.setattr(client.time, "sleep", lambda _: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise HTTPConnectionClosed("connection closed.")
+        return "ok"
+
+    assert client.with_retries(flaky, 1, 0.1, "host:1") == "ok" and len(calls) == 2

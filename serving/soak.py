@@ -1,0 +1,280 @@
+"""Soak test: `segment` requests from N threads for minutes; failures, latency and server memory.
+
+    python -m serving.soak --minutes 10 --concurrency 8                     # starts the server itself
+    python -m serving.soak --minutes 10 --url 127.0.0.1:8000 --server-pid PID   # a running server
+
+By default the embedded tritonserver (serving/server.py) serves --model-repository on free
+loopback ports. Every answer is checked: labels [H, W] at the image's size and equal to the first
+answer for the same image (the model is deterministic); requests are not retried, every error
+counts. Every --sample-seconds the RSS of tritonserver and all its descendants (the python-backend
+stubs) is summed from /proc. Memory growth = median RSS of the last window / median RSS of the
+first window after --warmup-seconds - 1. Goals: no failed request, growth <= 5%.
+Writes <out-dir>/soak.{json,md}; exit 0 when every goal is met, 1 when not, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medoe import report as reporting
+from serving.client import SEGMENT_OUTPUTS
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "serving" / "examples"
+MIB = 1024 * 1024
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def size(text: str) -> tuple[int, int]:
+    height, width = (int(v) for v in text.lower().split("x"))  # ValueError: argparse's "invalid size value"
+    if min(height, width) < 8:
+        raise argparse.ArgumentTypeError(f"size must be at least 8x8, got {text!r}")
+    return height, width
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    parser = Parser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads, one request in flight each")
+    parser.add_argument("--warmup-seconds", type=float, default=60.0, help="excluded from latency, throughput and growth")
+    parser.add_argument("--window-seconds", type=float, help="RSS window for growth and timeline rows (default min(60, post-warm-up / 3))")
+    parser.add_argument("--sample-seconds", type=float, help="RSS sampling interval (default min(5, window / 5))")
+    parser.add_argument("--images", choices=("synthetic", "examples"), default="synthetic",
+                        help="synthetic street scenes (PNG and JPEG) at --size, or serving/examples/")
+    parser.add_argument("--size", type=size, default=(256, 512), help="HxW of the synthetic images")
+    parser.add_argument("--num-images", type=int, default=8, help="distinct synthetic images")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--url", help="HOST:PORT of a running server (default: start one)")
+    parser.add_argument("--server-pid", type=int, help="with --url: tritonserver's pid, for its memory")
+    parser.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    parser.add_argument("--out-dir", default=str(reporting.DOCS_DIR), help="where soak.json and soak.md go")
+    args = parser.parse_args(argv)
+    duration = args.minutes * 60
+    if args.concurrency < 1 or args.num_images < 1 or duration <= args.warmup_seconds or args.warmup_seconds < 0:
+        parser.error("need --concurrency >= 1, --num-images >= 1 and 0 <= --warmup-seconds < --minutes * 60")
+    args.window_seconds = args.window_seconds or min(60.0, (duration - args.warmup_seconds) / 3)
+    args.sample_seconds = args.sample_seconds or min(5.0, args.window_seconds / 5)
+    if duration - args.warmup_seconds < 2 * args.window_seconds or args.window_seconds < 2 * args.sample_seconds:
+        parser.error(f"{duration - args.warmup_seconds:.0f} s after warm-up must hold two --window-seconds "
+                     f"({args.window_seconds:.0f} s), each at least two --sample-seconds ({args.sample_seconds:.1f} s)")
+    if bool(args.url) != bool(args.server_pid):
+        parser.error("--url and --server-pid go together (the soak measures that server's memory)")
+    return args
+
+
+def load_images(args) -> list[tuple[str, bytes, tuple[int, int]]]:
+    """(name, encoded bytes, (H, W)) per image."""
+    import cv2
+
+    if args.images == "examples":
+        paths = sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        return [(p.name, p.read_bytes(), cv2.imread(str(p)).shape[:2]) for p in paths]
+    from medoe.data.synthetic import SyntheticStreets
+
+    data = SyntheticStreets(args.num_images, *args.size, split="test")
+    images = []
+    for index in range(args.num_images):
+        bgr = cv2.cvtColor(data.load(index)[0], cv2.COLOR_RGB2BGR)
+        suffix = ".png" if index % 2 == 0 else ".jpg"  # both decoders in preprocess
+        images.append((f"synthetic{index}{suffix}", cv2.imencode(suffix, bgr)[1].tobytes(), bgr.shape[:2]))
+    return images
+
+
+def tree_rss(pid: int) -> dict[str, int]:
+    """RSS in bytes of `pid` and every descendant, by name (`tritonserver`, stubs by model instance)."""
+    parents, rss = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        tree += [p for p, pp in parents.items() if pp == parent]
+    for p in tree:
+        try:
+            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        name = "tritonserver" if p == pid else f"stub {argv[8]}" if len(argv) > 8 and "python_backend_stub" in argv[0] else f"pid {p}"
+        rss[name] = rss.get(name, 0) + pages * os.sysconf("SC_PAGE_SIZE")
+    return rss
+
+
+def _ready(protocol: str, url: str) -> bool:
+    try:
+        client = __import__(f"tritonclient.{protocol}", fromlist=["x"]).InferenceServerClient(url)
+        ready = client.is_server_ready()
+        client.close()
+        return ready
+    except Exception:  # noqa: BLE001 -- unreachable, a bad URL or the other protocol's port
+        return False
+
+
+def percentile(values, q) -> float:
+    return round(float(np.percentile(values, q)), 1) if len(values) else None
+
+
+def run(args, url: str, pid: int, images) -> dict:
+    module = __import__(f"tritonclient.{args.protocol}", fromlist=["x"])
+    duration, records, first = args.minutes * 60, [], {}
+    lock, start, stop = threading.Lock(), time.monotonic(), threading.Event()
+
+    def worker(index: int):
+        client = module.InferenceServerClient(url, **({"network_timeout": 120.0} if args.protocol == "http" else {}))
+        wanted = [module.InferRequestedOutput(n) for n in SEGMENT_OUTPUTS]
+        try:
+            while time.monotonic() - start < duration and not stop.is_set():
+                name, data, shape = images[index % len(images)]
+                index += 1
+                tensor = module.InferInput("image", [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([data], dtype=object))
+                sent, error = time.monotonic(), None
+                try:
+                    labels = client.infer("segment", [tensor], outputs=wanted).as_numpy("labels")
+                    with lock:
+                        expected = first.setdefault(name, labels)
+                    if labels.shape != shape:
+                        error = f"{name}: labels {labels.shape}, image {shape}"
+                    elif not np.array_equal(labels, expected):
+                        error = f"{name}: labels differ from the first answer in {int((labels != expected).sum())} pixels"
+                except Exception as err:  # noqa: BLE001 -- every failure is counted, none retried
+                    error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                records.append((time.monotonic() - start, time.monotonic() - sent, error))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
+    for thread in threads:
+        thread.start()
+    samples = []  # (seconds, {process: bytes})
+    try:
+        while time.monotonic() - start < duration:
+            samples.append((time.monotonic() - start, tree_rss(pid)))
+            time.sleep(max(0.0, min(args.sample_seconds, duration - (time.monotonic() - start))))
+        samples.append((time.monotonic() - start, tree_rss(pid)))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(300)
+    return summarize(args, records, samples)
+
+
+def summarize(args, records, samples) -> dict:
+    duration, warmup, window = args.minutes * 60, args.warmup_seconds, args.window_seconds
+    failures = [e for _, _, e in records if e]
+    messages = collections.Counter(failures)
+    steady = [latency * 1000 for t, latency, e in records if t >= warmup and not e]
+
+    def rss_median(lo, hi):
+        values = [sum(r.values()) for t, r in samples if lo <= t <= hi]
+        return float(np.median(values)) / MIB if values else float("nan")
+
+    first, last = rss_median(warmup, warmup + window), rss_median(duration - window, duration)
+    growth = last / first - 1 if first > 0 else float("nan")  # nan: the server was gone; the goal is missed
+    timeline = []
+    for lo in np.arange(0, duration - 1e-6, window):
+        hi = min(lo + window, duration)
+        done = [(lat, e) for t, lat, e in records if lo <= t < hi]
+        timeline.append({"from_s": round(float(lo)), "to_s": round(float(hi)), "rss_mib": round(rss_median(lo, hi), 1),
+                         "requests": len(done), "failures": sum(1 for _, e in done if e),
+                         "p50_ms": percentile([lat * 1000 for lat, e in done if not e], 50)})
+    after = [r for t, r in samples if t >= warmup]
+    processes = {n: [round(after[0].get(n, 0) / MIB, 1), round(after[-1].get(n, 0) / MIB, 1)] for n in after[-1]}
+    return {"requests": len(records), "failures": len(failures),
+            "failure_messages": dict(messages.most_common(5)),
+            "throughput_rps": round(sum(1 for t, _, _ in records if t >= warmup) / (duration - warmup), 2),
+            "latency_ms": {f"p{q}": percentile(steady, q) for q in (50, 95, 99)},
+            "rss_mib": {"first_window_median": round(first, 1), "last_window_median": round(last, 1), "growth": round(growth, 4)},
+            "processes_rss_mib_first_last": processes, "timeline": timeline, "samples": len(samples),
+            "goals": [reporting.goal("failed_requests", len(failures), 0, "<="), reporting.goal("rss_growth_after_warmup", growth, 0.05, "<=")]}
+
+
+def markdown(report: dict) -> list[str]:
+    s, rss = report["settings"], report["rss_mib"]
+    lines = reporting.header_markdown("Soak test: the `segment` ensemble under constant load", report)
+    lines += [
+        f"{s['concurrency']} client threads ({s['protocol']}, one request in flight each, no retries) sent `segment` requests "
+        f"for {s['minutes']:g} min to {s['server']}; images: {s['images']}. Every answer was checked (labels at the image's "
+        f"size, equal to the first answer for that image). Warm-up {s['warmup_seconds']:g} s; RSS = tritonserver plus its "
+        f"python-backend stubs, summed from /proc every {s['sample_seconds']:g} s; growth compares the medians of the first "
+        f"and last {s['window_seconds']:g}-s windows after warm-up. Load average (1 min) before/after: "
+        f"{s['load_average_before_after'][0]} / {s['load_average_before_after'][1]} (after includes this run).", "",
+        "| requests | failures | throughput (req/s) | p50 ms | p95 ms | p99 ms | RSS first / last window (MiB) | growth |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {report['requests']} | {report['failures']} | {report['throughput_rps']} | {report['latency_ms']['p50']} | "
+        f"{report['latency_ms']['p95']} | {report['latency_ms']['p99']} | {rss['first_window_median']} / "
+        f"{rss['last_window_median']} | {100 * rss['growth']:+.2f}% |", "",
+        "| time (s) | RSS median (MiB) | requests | failures | p50 ms |", "|---|---:|---:|---:|---:|",
+        *[f"| {r['from_s']}-{r['to_s']} | {r['rss_mib']} | {r['requests']} | {r['failures']} | {r['p50_ms']} |" for r in report["timeline"]], "",
+        "RSS per process after warm-up, first / last sample (MiB): "
+        + ", ".join(f"{n} {a} / {b}" for n, (a, b) in report["processes_rss_mib_first_last"].items()) + ".", "",
+        *reporting.goals_markdown(report["goals"]), "",
+    ]
+    if report["failure_messages"]:
+        lines += ["Failures (most frequent first):", "", *[f"- {n} x `{m}`" for m, n in report["failure_messages"].items()], ""]
+    return [*lines, f"Regenerate with `{report['command']}`."]
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    images = load_images(args)
+    handle = None
+    try:
+        if args.url:
+            pid, url, server = args.server_pid, args.url, f"the server at {args.url}"
+            if not Path(f"/proc/{pid}").is_dir() or not _ready(args.protocol, url):
+                print(f"error: no ready Triton server at {url} ({args.protocol}) with pid {pid}", file=sys.stderr)
+                return 2
+        else:
+            from serving.server import ServerError, start_server
+
+            try:
+                handle = start_server(args.model_repository, *free_ports(3), timeout=300)
+            except ServerError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            pid, server = handle.process.pid, f"the embedded tritonserver serving `{Path(args.model_repository).name}`"
+            url = handle.http_url if args.protocol == "http" else handle.grpc_url
+        load_before = os.getloadavg()[0]
+        results = run(args, url, pid, images)
+    finally:
+        if handle is not None:
+            handle.stop()
+    report = {"machine": reporting.machine_info(), "date": reporting.now(), "command": reporting.command_line("serving.soak", argv),
+              "settings": {"minutes": args.minutes, "concurrency": args.concurrency, "warmup_seconds": args.warmup_seconds,
+                           "window_seconds": round(args.window_seconds, 1), "sample_seconds": round(args.sample_seconds, 2),
+                           "protocol": args.protocol, "server": server,
+                           "images": f"{len(images)} {args.images}" + (f" {args.size[0]}x{args.size[1]}" if args.images == "synthetic" else ""),
+                           "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
+              **results}
+    reporting.write_report(Path(args.out_dir), "soak", report, markdown(report))
+    print("\n".join(reporting.goals_markdown(report["goals"])))
+    return 0 if all(g["met"] for g in report["goals"]) else 1
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+if __name__ == "__main__":
+    sys.exit(main())
