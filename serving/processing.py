@@ -45,7 +45,11 @@ def _jpeg_header(data: bytes) -> tuple[str, int, int, int]:
     last_scan, dims = -1, None
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            pos += 1  # entropy-coded bytes between markers
+            # Entropy-coded bytes between markers: jump to the next 0xFF at C speed (a byte-wise
+            # Python walk cost ~4 ms for a 130 kB JPEG, more than decoding it).
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
             continue
         marker = data[pos + 1]
         if marker in (0xFF, 0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # fill, stuffing, TEM, RSTn: no length
@@ -152,7 +156,10 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) 
 def class_share(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """[C] float32 fraction of all pixels per class; pixels labelled >= C count only in the total."""
     labels = np.asarray(labels)
-    counts = np.bincount(labels.ravel().astype(np.intp), minlength=num_classes)[:num_classes]
+    if labels.dtype == np.uint8 and labels.size:  # OpenCV's histogram: ~8x faster than bincount
+        counts = cv2.calcHist([np.ascontiguousarray(labels)], [0], None, [256], [0, 256]).ravel()[:num_classes]
+    else:
+        counts = np.bincount(labels.ravel().astype(np.intp), minlength=num_classes)[:num_classes]
     return (counts / max(labels.size, 1)).astype(np.float32)
 
 

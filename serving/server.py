@@ -272,7 +272,11 @@ def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int =
                "--model-control-mode=none", f"--http-address={host}", f"--http-port={http_port}",
                f"--grpc-address={host}", f"--grpc-port={grpc_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=true",
-               "--strict-readiness=true", "--exit-timeout-secs=10", "--log-verbose=0"]
+               "--strict-readiness=true", "--exit-timeout-secs=10", "--log-verbose=0",
+               # Each stub's shared-memory pool starts at 1 MiB and grows 1 MiB at a time; one
+               # 512x1024 answer moves ~4.5 MB through it, so start it where it ends up anyway.
+               "--backend-config=python,shm-default-byte-size=33554432",
+               "--backend-config=python,shm-growth-byte-size=16777216"]
     handle = ServerHandle(_spawn(command, log_path, workdir), workdir, host, http_port, grpc_port, metrics_port,
                           log_path, models, command)
     try:
