@@ -157,9 +157,9 @@ def main(argv=None) -> int:
     triton_stats: dict[str, dict[int, dict]] = {}
     try:
         if any(run.startswith(("medoe_", "segment_")) for run in args.runs):
-            from serving.server import start_server
+            from serving.server import free_ports, start_server
 
-            server = start_server(args.repository, *clients.free_ports(3), timeout=300)
+            server = start_server(args.repository, *free_ports(3), timeout=300)
         for concurrency in args.concurrency:
             for run in args.runs:
                 make_caller = clients.caller_factory(run, args, server, images, jpegs, references, OUTPUTS)

@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 
 import numpy as np
 
 from serving.processing import decode_image
-
-
-def free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def ort_session(onnx_path):

@@ -17,7 +17,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no teleme
 
 import argparse
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -147,12 +146,6 @@ with gr.Blocks(title="MEDOE segmentation on Triton") as demo:
     demo.load(load_metadata, None, [legend, classes, status], api_name=False)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--triton-url", default=settings["url"],
@@ -168,7 +161,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    from serving.server import ServerError, start_server
+    from serving.server import ServerError, free_ports, start_server
 
     server = None
     stop = threading.Event()
@@ -177,7 +170,7 @@ def main(argv=None) -> int:
     try:
         if args.start_triton:
             print(f"starting Triton on {args.start_triton} ...", flush=True)
-            server = start_server(args.start_triton, free_port(), free_port(), free_port())
+            server = start_server(args.start_triton, *free_ports(3))
             args.triton_url = server.grpc_url if args.protocol == "grpc" else server.http_url
         settings.update(url=args.triton_url, protocol=args.protocol)
         try:

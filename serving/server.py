@@ -21,6 +21,7 @@ import collections
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -297,16 +298,48 @@ def _exit_reason(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exited with {code}"
 
 
-def _child_processes(parent: int) -> dict[int, list[str]]:
-    """argv of every direct child of `parent`, from /proc (the stubs may be forked by any of its threads)."""
-    children = {}
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all held at once while chosen, so never the same twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc; processes that exit meanwhile are skipped."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                children[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-    return children
+    return parents
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (tritonserver, its python-backend stubs), breadth first."""
+    parents = _parents()
+    tree = [pid]
+    for parent in tree:  # grows while it is walked
+        tree += [p for p, pp in parents.items() if pp == parent]
+    return tree[1:]
+
+
+def _child_processes(parent: int) -> dict[int, list[str]]:
+    """argv of every direct child of `parent`, from /proc (the stubs may be forked by any of its threads)."""
+    return {pid: _argv(pid) for pid, pp in _parents().items() if pp == parent}
 
 
 def _alive_child(pid: int, parent: int) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 from medoe import report as reporting
 from serving.client import SEGMENT_OUTPUTS
+from serving.server import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "serving" / "examples"
@@ -96,16 +96,8 @@ def load_images(args) -> list[tuple[str, bytes, tuple[int, int]]]:
 
 def tree_rss(pid: int) -> dict[str, int]:
     """RSS in bytes of `pid` and every descendant, by name (`tritonserver`, stubs by model instance)."""
-    parents, rss = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
-    tree = [pid]
-    for parent in tree:  # grows while it is walked: breadth first
-        tree += [p for p, pp in parents.items() if pp == parent]
-    for p in tree:
+    rss = {}
+    for p in [pid, *descendants(pid)]:
         try:
             pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
             argv = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -242,7 +234,7 @@ def main(argv=None) -> int:
                 print(f"error: no ready Triton server at {url} ({args.protocol}) with pid {pid}", file=sys.stderr)
                 return 2
         else:
-            from serving.server import ServerError, start_server
+            from serving.server import ServerError, free_ports, start_server
 
             try:
                 handle = start_server(args.model_repository, *free_ports(3), timeout=300)
@@ -267,13 +259,6 @@ def main(argv=None) -> int:
     print("\n".join(reporting.goals_markdown(report["goals"])))
     return 0 if all(g["met"] for g in report["goals"]) else 1
 
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 import pytest
 
-from serving.demo import EXAMPLES, free_port
+from serving.demo import EXAMPLES
+from serving.server import descendants, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = Path(os.environ.get("MEDOE_TEST_OUTPUT", ROOT / "work" / "test-output"))
@@ -30,24 +31,6 @@ CHROMEDRIVER = shutil.which("chromedriver")
 EXAMPLE = next(p for p in EXAMPLES if p.name == "street_bicycle.png")
 
 pytestmark = pytest.mark.slow
-
-
-def _children(pid: int) -> list[int]:
-    """Every process below `pid` (tritonserver and its python-backend stubs), from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -61,7 +44,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def demo():
     """`python -m serving.demo --start-triton model_repository`, as `make demo` runs it."""
-    port = free_port()
+    port = free_ports(1)[0]
     log = OUTPUT / "demo.log"
     OUTPUT.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
@@ -74,7 +57,7 @@ def demo():
             process.kill()
             pytest.fail(f"demo did not come up: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.3)
-    children = _children(process.pid)
+    children = descendants(process.pid)
     yield process, url
     if process.poll() is None:  # a test failed before the Ctrl-C test: stop it the same way
         process.send_signal(signal.SIGINT)
@@ -197,7 +180,7 @@ def test_unreachable_triton_is_a_message_in_the_page():
     from serving import demo as app
 
     previous = dict(app.settings)
-    app.settings.update(url=f"127.0.0.1:{free_port()}", protocol="http")  # nothing listens there
+    app.settings.update(url=f"127.0.0.1:{free_ports(1)[0]}", protocol="http")  # nothing listens there
     try:
         outputs = app.segment(str(EXAMPLE), 0.5, [])
         legend, _, load_status = app.load_metadata()
@@ -211,7 +194,7 @@ def test_unreachable_triton_is_a_message_in_the_page():
 def test_ctrl_c_stops_the_demo_and_triton(demo):
     """Last in this file: it ends the shared demo process."""
     process, url = demo
-    children = _children(process.pid)
+    children = descendants(process.pid)
     assert any("tritonserver" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in children)
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 0

@@ -38,6 +38,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from export.graph import random_images  # noqa: E402
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from serving import server as serving_server  # noqa: E402
+from serving.server import descendants  # noqa: E402
 from tests.test_checkpoint import make  # noqa: E402
 from tests.test_serving_server import free_ports, png, repository, segment_request  # noqa: E402, F401
 from tests.test_training import config_path  # noqa: E402, F401  (a fixture)
@@ -61,13 +62,6 @@ def limited_repository(repository, tmp_path_factory) -> Path:  # noqa: F811
     return repo
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 @pytest.fixture(scope="module")
 def cli_server(limited_repository, tmp_path_factory):
     http_port, grpc_port, metrics_port = free_ports(3)
@@ -84,7 +78,7 @@ def cli_server(limited_repository, tmp_path_factory):
             pytest.fail(f"python -m serving.server did not become ready: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.2)
     yield {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
-    tritonserver = _children(process.pid)
+    tritonserver = descendants(process.pid)
     process.send_signal(signal.SIGTERM)  # the CLI stops tritonserver, then exits
     try:
         process.wait(60)

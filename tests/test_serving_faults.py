@@ -27,19 +27,12 @@ pytest.importorskip("tritonclient.grpc")
 
 from export.graph import random_images  # noqa: E402
 from serving import client  # noqa: E402
-from serving.server import start_server  # noqa: E402
-from tests.test_demo import _alive, _children  # noqa: E402
+from serving.server import _argv, descendants, start_server  # noqa: E402
+from tests.test_demo import _alive  # noqa: E402
 from tests.test_serving_server import free_ports, png, reference, repository, segment_request  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(40, 56), (37, 45), (48, 64)]
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -69,14 +62,14 @@ class Supervisor:
         return self.err.read_text(errors="replace")
 
     def tritonserver(self) -> int | None:
-        return next((p for p in _children(self.process.pid) if _alive(p) and _argv(p)[0].endswith("/tritonserver")), None)
+        return next((p for p in descendants(self.process.pid) if _alive(p) and _argv(p)[0].endswith("/tritonserver")), None)
 
     def stub(self, model: str) -> int | None:
-        return next((p for p in _children(self.process.pid)
+        return next((p for p in descendants(self.process.pid)
                      if _alive(p) and f"models/{model}/1/model.py" in " ".join(_argv(p)[1:2])), None)
 
     def shm_regions(self) -> list[Path]:
-        return [Path("/dev/shm", _argv(p)[2]) for p in _children(self.process.pid)
+        return [Path("/dev/shm", _argv(p)[2]) for p in descendants(self.process.pid)
                 if _argv(p)[0].endswith("triton_python_backend_stub")]
 
     def ready(self) -> bool:
@@ -89,7 +82,7 @@ class Supervisor:
     def close(self) -> None:
         if self.process.poll() is not None:
             return
-        left = _children(self.process.pid)
+        left = descendants(self.process.pid)
         self.process.send_signal(signal.SIGTERM)  # the CLI stops tritonserver, which unlinks its /dev/shm regions
         try:
             self.process.wait(60)
@@ -243,7 +236,7 @@ def test_killed_tritonserver_restarts_on_the_same_ports_and_sigterm_stops_everyt
     grpc_results, _ = client.segment_images(paths[:1], f"127.0.0.1:{server.grpc_port}", "grpc", retries=0)
     np.testing.assert_array_equal(grpc_results[0].labels, expected[0])
 
-    everything = _children(server.process.pid)
+    everything = descendants(server.process.pid)
     regions = server.shm_regions()
     assert second in everything and len(everything) == 4  # tritonserver and its three stubs
     server.process.send_signal(signal.SIGTERM)
@@ -259,7 +252,7 @@ def test_crash_loop_gives_up_after_max_restarts_with_one_line_error(supervise):
     first = server.tritonserver()
     os.kill(first, signal.SIGKILL)
     second = _wait(lambda: server.ready() and server.tritonserver(), 60, "the first restart")
-    left = _children(server.process.pid)
+    left = descendants(server.process.pid)
     os.kill(second, signal.SIGKILL)
     assert server.process.wait(60) == 1
     lines = server.stderr().strip().splitlines()
@@ -273,7 +266,7 @@ def test_crash_loop_gives_up_after_max_restarts_with_one_line_error(supervise):
 def test_dead_stub_without_restart_exits_1_instead_of_failing_every_request(supervise):
     # Without --restart the CLI must not keep a server that is "ready" but answers 500 to everything.
     server = supervise()
-    left = _children(server.process.pid)
+    left = descendants(server.process.pid)
     os.kill(server.stub("medoe"), signal.SIGKILL)
     assert server.process.wait(60) == 1
     lines = server.stderr().strip().splitlines()

@@ -5,7 +5,6 @@ since Triton waits for open HTTP connections on shutdown.
 """
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,22 +19,11 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from export import to_onnx  # noqa: E402
 from export.graph import random_images  # noqa: E402
-from serving.server import ServerError, start_server  # noqa: E402
+from serving.server import ServerError, free_ports, start_server  # noqa: E402, F401 (free_ports: shared with other tests)
 from tests.test_export import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "confidence", "expert_weights")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture(scope="module")
