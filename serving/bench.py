@@ -234,7 +234,7 @@ def markdown(report: dict) -> list[str]:
             ratio = report["ratios"].get(f"{run}_over_onnxruntime_throughput_c{c}", 1.0 if run == "onnxruntime" else "")
             lines.append(f"| {run} | {c} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {ratio} |")
     lines += ["", "## Goals", "", *goals_markdown(report["goals"]), "", "## Where Triton's time goes",
-              "", "Triton's per-model statistics over each run, mean ms per request.", "",
+              "", "Triton's per-model statistics over each run (timed requests plus each client thread's untimed first one), mean ms per request.", "",
               "| run | c | model | requests | avg batch | queue | compute input | compute infer | compute output |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for run, by_c in report["triton_model_stats"].items():
