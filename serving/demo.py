@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
+from export import CliParser
 from serving import demo_views as views
 from serving.client import ClientError, get_metadata, segment_images
 from serving.processing import decode_image
@@ -146,8 +148,15 @@ with gr.Blocks(title="MEDOE segmentation on Triton") as demo:
     demo.load(load_metadata, None, [legend, classes, status], api_name=False)
 
 
+def upload_size(text: str) -> str:
+    """`--max-upload` in Gradio's own form, checked here so a typo gets a clear one-line error."""
+    if not re.fullmatch(r"\d+\s*(b|kb|mb|gb)", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 10mb, 500kb or 1gb")
+    return text.strip().lower()
+
+
 def get_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--triton-url", default=settings["url"],
                         help="HOST:PORT of Triton's HTTP (or, with --protocol grpc, gRPC) endpoint")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="how to talk to Triton")
@@ -155,7 +164,7 @@ def get_args(argv=None) -> argparse.Namespace:
                         help="start the embedded Triton on this model repository (free local ports) and stop it on exit")
     parser.add_argument("--host", default="127.0.0.1", help="address the page binds (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port of the page")
-    parser.add_argument("--max-upload", default=MAX_UPLOAD, help="largest accepted upload, e.g. 10mb")
+    parser.add_argument("--max-upload", type=upload_size, default=MAX_UPLOAD, help="largest accepted upload, e.g. 10mb")
     return parser.parse_args(argv)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export import CliParser
 from medoe import report as reporting
 from serving.client import SEGMENT_OUTPUTS
 from serving.server import descendants
@@ -31,12 +32,6 @@ from serving.server import descendants
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "serving" / "examples"
 MIB = 1024 * 1024
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def size(text: str) -> tuple[int, int]:
@@ -47,7 +42,7 @@ def size(text: str) -> tuple[int, int]:
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    parser = Parser(description=__doc__.split("\n")[0])
+    parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8, help="client threads, one request in flight each")
     parser.add_argument("--warmup-seconds", type=float, default=60.0, help="excluded from latency, throughput and growth")

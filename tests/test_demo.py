@@ -176,6 +176,14 @@ def test_upload_over_the_limit_is_refused(demo, tmp_path):
     assert response.status_code == 413, response.text[:200]
 
 
+def test_a_bad_upload_limit_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "-m", "serving.demo", "--max-upload", "ten megs"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: argument --max-upload: 'ten megs': expected a size such as 10mb, 500kb or 1gb (see demo.py --help)"]
+
+
 def test_unreachable_triton_is_a_message_in_the_page():
     from serving import demo as app
 
