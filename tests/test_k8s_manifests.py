@@ -130,10 +130,15 @@ def check_server_args(deployment: dict) -> list[str]:
     facts = dockerfile_facts()
     if f"--model-repository={facts['model_repository']}" not in args:
         problems.append(f"the args do not serve {facts['model_repository']}, where the Dockerfile puts the models")
-    for flag, port in (("--http-port", 8000), ("--grpc-port", 8001), ("--metrics-port", 8002)):
-        values = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
-        if values and values != [str(port)]:
-            problems.append(f"{flag} is {values}, not {port}")
+    values = [a.split("=", 1)[1] for a in args if a.startswith("--grpc-port=")]
+    if values and values != ["8001"]:
+        problems.append(f"--grpc-port is {values}, not 8001")
+    # HTTP and metrics must go through the proxy that deploy/serve.sh starts (serving/proxy.py).
+    if args[:2] != ["/opt/medoe/serve.sh", "tritonserver"]:
+        problems.append(f"the container runs {args[:2]}, not /opt/medoe/serve.sh tritonserver (Triton behind the proxy)")
+    for flag in ("--http-address", "--http-port", "--metrics-address", "--metrics-port"):
+        if any(a.startswith(flag + "=") for a in args):
+            problems.append(f"{flag} is set: serve.sh puts Triton's HTTP and metrics on Unix sockets behind the proxy")
     return problems
 
 
@@ -224,6 +229,8 @@ MUTATIONS = {
     "Deployment selector off": (lambda m: m["deployment"]["spec"]["selector"]["matchLabels"].update(tier="x"), "Deployment selector"),
     "no scrape annotation": (lambda m: m["deployment"]["spec"]["template"]["metadata"]["annotations"].pop("prometheus.io/scrape"), "Prometheus scrape"),
     "model control explicit": (lambda m: _triton(m).update(args=[a.replace("=none", "=explicit") for a in _triton(m)["args"]]), "--model-control-mode=none"),
+    "Triton's HTTP on TCP": (lambda m: _triton(m)["args"].append("--http-port=8000"), "--http-port is set"),
+    "no proxy": (lambda m: _triton(m).update(args=_triton(m)["args"][1:]), "not /opt/medoe/serve.sh"),
     "root allowed": (lambda m: m["deployment"]["spec"]["template"]["spec"]["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
     "another uid": (lambda m: m["deployment"]["spec"]["template"]["spec"]["securityContext"].update(runAsUser=1000), "runAsUser"),
     "HPA targets another Deployment": (lambda m: m["hpa"]["spec"]["scaleTargetRef"].update(name="other"), "the HPA targets"),

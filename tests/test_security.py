@@ -1,17 +1,17 @@
-"""Security defaults, tested: loopback binding, no model control, request size limits, no code
-run from checkpoints.
+"""Security defaults, tested: loopback binding, no model control, request size limits, no single
+request that takes the server down, no code run from checkpoints.
 
 One real tritonserver for the module, started the way a user starts it (`python -m
 serving.server` without --host), on a copy of the test repository whose `preprocess` has a
 small `max_pixels`. Request size: this tritonserver build (the nvidia-pytriton wheel's 2.51)
 has no flag that caps an HTTP body or a gRPC message (`--http-max-input-size` came in later
-Triton releases), so the limits that exist are tested: Triton's shape and batch checks from
-the model configs and `preprocess`'s `max_pixels`. Its default (40 M pixels, refused from the
-header before anything is allocated) is covered by tests/test_serving_bad_input.py; here the
-configured value is shown to be the one enforced. The ImageNet-weights path refusing pickled
+Triton releases); HTTP bodies are capped by the Caddy proxy in front of it (serving/proxy.py),
+which also keeps the form-encoded bodies that crash this Triton's libevhtp away from it. The
+other limits tested: Triton's shape and batch checks from the model configs and `preprocess`'s
+`max_pixels` (its default is covered by tests/test_serving_bad_input.py; here the configured
+value is shown to be the one enforced). The ImageNet-weights path refusing pickled
 code is covered by tests/test_backbones.py::test_pickled_code_is_refused, and
-load_checkpoint refusing a code-running train_state.pt by tests/test_checkpoint.py.
-"""
+load_checkpoint refusing a code-running train_state.pt by tests/test_checkpoint.py."""
 
 import inspect
 import os
@@ -77,7 +77,7 @@ def cli_server(limited_repository, tmp_path_factory):
             process.kill()
             pytest.fail(f"python -m serving.server did not become ready: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.2)
-    yield {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+    yield {"http": http_port, "grpc": grpc_port, "metrics": metrics_port, "process": process}
     tritonserver = descendants(process.pid)
     process.send_signal(signal.SIGTERM)  # the CLI stops tritonserver, then exits
     try:
@@ -175,7 +175,8 @@ def test_the_socket_table_check_sees_a_wildcard_bind():
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads the kernel's socket table (Linux)")
 def test_cli_server_listens_on_loopback_only(cli_server):
-    for name, port in cli_server.items():
+    for name in ("http", "grpc", "metrics"):
+        port = cli_server[name]
         assert listening_addresses(port) == {"127.0.0.1"}, f"{name} port {port}"
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
         for address in non_loopback_addresses():
@@ -199,8 +200,8 @@ def test_model_control_is_refused_and_medoe_stays_ready(cli_server, clients, pro
 # --- request size ------------------------------------------------------------------------------
 
 def test_this_tritonserver_has_no_request_size_flag():
-    # If a newer wheel brings one (Triton's later `--http-max-input-size`), this fails: set it
-    # in serving/server.py (with a --max-request-mb style option) and test it there.
+    # HTTP bodies are capped by the proxy (--max-request-bytes). If a newer wheel brings a flag
+    # (Triton's later `--http-max-input-size`), this fails: pass the same cap to tritonserver.
     result = subprocess.run([str(serving_server.tritonserver_binary()), "--help"], capture_output=True, text=True,
                             env=serving_server.server_environment(), timeout=60)
     help_text = result.stdout + result.stderr  # this build prints its usage to stderr
@@ -241,14 +242,101 @@ def test_batch_and_image_count_limits_from_the_configs(cli_server, clients, prot
     assert_medoe_answers(module, client)
 
 
-def test_a_65_mb_body_is_answered_and_the_server_stays_ready(cli_server, clients):
-    # No server-side body cap in this build: the body reaches preprocess, which refuses it.
+def test_a_body_over_the_proxy_limit_is_413_and_the_server_stays_ready(cli_server, clients):
+    # The proxy caps HTTP bodies (serving/proxy.py, 64 MiB by default); tritonserver never sees them.
     module, client = clients["http"]
     with pytest.raises(module.InferenceServerException) as error:
         client.infer("segment", segment_request(module, b"\x00" * (65 << 20)))
-    assert str(error.value.status()) == "400" and "not an image" in error.value.message(), error.value.message()
+    assert str(error.value.status()) == "413", (error.value.status(), error.value.message())
     assert ready(cli_server)
     assert_medoe_answers(module, client)
+
+
+def test_a_body_under_the_limit_reaches_preprocess(cli_server, clients):
+    module, client = clients["http"]
+    with pytest.raises(module.InferenceServerException) as error:
+        client.infer("segment", segment_request(module, b"\x00" * (20 << 20)))
+    assert str(error.value.status()) == "400" and "not an image" in error.value.message(), error.value.message()
+
+
+# --- one request never takes the server down: the HTTP shield -----------------------------------
+
+FORM_BOMB = b"\x00" * 5_000_000  # libevhtp parsed such a form body on its stack: SIGSEGV from ~4.2 MB
+
+
+def raw_post(port: int, path: str, body: bytes, content_type: str) -> int | None:
+    """POSTs `body` as curl --data-binary does (its default Content-Type is form-encoded); the
+    status, or None when the server answered before reading the body and reset the connection."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, ConnectionResetError | BrokenPipeError):
+            return None
+        raise
+
+
+def tritonserver_pid(cli: subprocess.Popen) -> int:
+    return next(p for p in descendants(cli.pid) if serving_server._argv(p)[0].endswith("/tritonserver"))
+
+
+def tcp_listen_ports(pid: int) -> set[int]:
+    """TCP ports on which process `pid` itself holds a listening socket (its fds x /proc/net/tcp*)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "APPLICATION/X-WWW-FORM-URLENCODED; charset=utf-8"])
+@pytest.mark.parametrize("where", [("http", "/v2/models/segment/infer"), ("http", "/v2/models/medoe/infer"),
+                                   ("metrics", "/metrics"), ("http", "/v2/health/ready")])
+def test_a_form_encoded_body_does_not_kill_the_server(cli_server, clients, where, content_type):
+    port_name, path = where
+    status = raw_post(cli_server[port_name], path, FORM_BOMB, content_type)
+    if port_name == "metrics":  # refused (404) before the body is read: the answer may be lost in the reset
+        assert status in (404, None), status
+    else:  # answered (Triton's own 4xx/5xx for a body that is no request)
+        assert status is not None and 400 <= status < 600, status
+    assert cli_server["process"].poll() is None, "serving.server exited"
+    assert ready(cli_server)
+    assert_medoe_answers(*clients["grpc"])
+
+
+def test_the_metrics_port_serves_get_metrics_only(cli_server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{cli_server['metrics']}/metrics", timeout=10) as response:
+        assert response.status == 200 and b"nv_inference_request_success" in response.read()
+    assert raw_post(cli_server["metrics"], "/metrics", b"x", "text/plain") == 404
+    assert raw_post(cli_server["metrics"], "/v2/health/ready", b"", "text/plain") == 404
+
+
+def test_a_huge_request_line_is_refused_by_the_proxy(cli_server):
+    with socket.create_connection(("127.0.0.1", cli_server["http"]), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/ready?" + b"a" * 3_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = sock.recv(64)
+    assert answer.startswith(b"HTTP/1.1 431") or answer.startswith(b"HTTP/1.1 414"), answer
+    assert ready(cli_server)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads the kernel's socket table (Linux)")
+def test_tritonserver_listens_on_tcp_only_for_grpc(cli_server):
+    # HTTP and metrics reach tritonserver only through the proxy's Unix sockets.
+    assert tcp_listen_ports(tritonserver_pid(cli_server["process"])) == {cli_server["grpc"]}
 
 
 # --- checkpoints never unpickle code ----------------------------------------------------------
