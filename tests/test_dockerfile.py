@@ -96,6 +96,25 @@ def test_python_models_find_what_they_import():
     assert "serving/__init__.py" in copied
 
 
+# Import name -> the distribution the image pins for it (stdlib and `serving` need none).
+DISTRIBUTIONS = {"cv2": "opencv-python-headless", "numpy": "numpy", "PIL": "pillow", "tritonclient": "tritonclient"}
+
+
+def test_copied_modules_have_their_third_party_imports_pinned():
+    import ast
+
+    pinned = {canonicalize_name(p.name) for p in pip_pins()}
+    copied = [token for rest in arguments("COPY") for token in rest.split() if token.startswith("serving/")]
+    for path in copied:
+        tree = ast.parse((ROOT / path).read_text())
+        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module.split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        for name in names - set(sys.stdlib_module_names) - {"serving", "__future__"}:
+            assert name in DISTRIBUTIONS, f"{path} imports {name}: add it to DISTRIBUTIONS and the image's pip install"
+            assert canonicalize_name(DISTRIBUTIONS[name]) in pinned, f"{path} imports {name}, which the image does not install"
+
+
 def test_runs_as_non_root_user():
     users = arguments("USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")

@@ -26,8 +26,19 @@ GOOD = random_images(1, 32, 40, seed=7)[0]
 
 def huge_png_header() -> bytes:
     # 30000x30000 RGB announced in a few bytes: refused from the header, never allocated.
-    chunk = b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def tiff_bomb() -> bytes:
+    # 30000x30000 grey TIFF in ~9 kB; OpenCV would decode for 25 s and 5 GB before refusing it.
+    ifd = [(256, 3, 30000), (257, 3, 30000), (258, 3, 8), (259, 3, 8), (262, 3, 1),
+           (273, 4, 8 + 2 + 12 * 8 + 4), (278, 3, 30000), (279, 4, 9000)]
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in ifd)
+    pixels = zlib.compress(bytes(9_000_000))[:9000]
+    return b"II*\x00" + struct.pack("<IH", 8, len(ifd)) + entries + bytes(4) + pixels
 
 
 def palette_png() -> bytes:
@@ -46,11 +57,17 @@ SEGMENT_CASES = {
     "not an image": (lambda: b"hello, not an image", "not an image"),
     "truncated JPEG": (lambda: encoded(".jpg", GOOD)[:400], "truncated JPEG"),
     "empty": (lambda: b"", "empty image"),
-    "16-bit PNG": (lambda: encoded(".png", np.full((8, 8, 3), 40000, np.uint16)), "16-bit PNG"),
-    "grayscale PNG": (lambda: encoded(".png", GOOD[..., 0]), "grayscale PNG"),
-    "RGBA PNG": (lambda: encoded(".png", np.dstack([GOOD, GOOD[..., :1]])), "RGBA PNG"),
-    "palette PNG": (palette_png, "palette PNG"),
     "30000x30000 PNG": (huge_png_header, "30000x30000, over the limit"),
+    "TIFF bomb": (tiff_bomb, "TIFF images are not accepted: send JPEG, PNG, BMP or WebP"),
+}
+
+# Refused until one rule per pixel layout (serving/processing.py's docstring): each now segmented
+# exactly as the RGB image the rule gives. (file bytes, that RGB image)
+LAYOUT_CASES = {
+    "grayscale PNG": (lambda: encoded(".png", GOOD[..., 0]), lambda: np.dstack([GOOD[..., 0]] * 3)),
+    "palette PNG": (palette_png, lambda: np.asarray(Image.open(io.BytesIO(palette_png())).convert("RGB"))),
+    "RGBA PNG": (lambda: encoded(".png", np.dstack([GOOD[..., ::-1], GOOD[..., :1]])), lambda: GOOD),
+    "16-bit PNG": (lambda: encoded(".png", GOOD[..., ::-1].astype(np.uint16) * 257), lambda: GOOD),
 }
 
 MEDOE_CASES = {
@@ -92,6 +109,15 @@ def test_segment_refuses(case, protocol, server, repository):  # noqa: F811
         client.infer("segment", segment_request(module, make()))
     assert_invalid_argument(module, error.value, message)
     assert_still_serving(server, repository, module, client)
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_segment_accepts_every_layout_as_rgb(case, protocol, repository):  # noqa: F811
+    module, client = protocol
+    make, rgb = LAYOUT_CASES[case]
+    labels = client.infer("segment", segment_request(module, make())).as_numpy("labels")
+    assert labels.shape == GOOD.shape[:2]
+    np.testing.assert_array_equal(labels, reference(repository, rgb()[np.newaxis])["labels"][0])
 
 
 @pytest.mark.parametrize("case", MEDOE_CASES)
