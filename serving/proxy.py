@@ -51,7 +51,10 @@ def _server(listen: str, upstream: str, max_request_bytes: int, paths: list[str]
         {"handler": "reverse_proxy", "upstreams": [{"dial": upstream}],
          "headers": {"request": {"delete": ["Content-Type"]}},
          # Triton answers a 512x1024 request in well under this; a stuck upstream is a 504.
-         "transport": {"protocol": "http", "response_header_timeout": "300s"}},
+         # No idle upstream connections: on SIGTERM Triton waits until every HTTP connection has
+         # closed (not just the requests in flight), so pooled ones would hold it its whole
+         # --exit-timeout-secs. A Unix-socket connect per request costs microseconds.
+         "transport": {"protocol": "http", "response_header_timeout": "300s", "keep_alive": {"enabled": False}}},
     ]
     routes = []
     if paths is not None:  # the metrics port: GET /metrics only, like Triton's own

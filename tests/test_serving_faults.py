@@ -68,6 +68,9 @@ class Supervisor:
         return next((p for p in descendants(self.process.pid)
                      if _alive(p) and f"models/{model}/1/model.py" in " ".join(_argv(p)[1:2])), None)
 
+    def proxy(self) -> int | None:
+        return next((p for p in descendants(self.process.pid) if _alive(p) and _argv(p)[0].endswith("/caddy")), None)
+
     def shm_regions(self) -> list[Path]:
         return [Path("/dev/shm", _argv(p)[2]) for p in descendants(self.process.pid)
                 if _argv(p)[0].endswith("triton_python_backend_stub")]
@@ -238,7 +241,7 @@ def test_killed_tritonserver_restarts_on_the_same_ports_and_sigterm_stops_everyt
 
     everything = descendants(server.process.pid)
     regions = server.shm_regions()
-    assert second in everything and len(everything) == 4  # tritonserver and its three stubs
+    assert second in everything and len(everything) == 5  # tritonserver, its three stubs and the HTTP proxy
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
     assert not [pid for pid in everything if _alive(pid)], "SIGTERM left tritonserver or a stub running"
@@ -271,4 +274,23 @@ def test_dead_stub_without_restart_exits_1_instead_of_failing_every_request(supe
     assert server.process.wait(60) == 1
     lines = server.stderr().strip().splitlines()
     assert lines == ["error: python-backend stub of medoe_0_0 died; Triton 2.51 does not restart it"]
+    assert not [pid for pid in left if _alive(pid)]
+
+
+def test_killed_proxy_is_restarted_without_restarting_tritonserver(supervise):
+    server = supervise("--restart")
+    triton, proxy = server.tritonserver(), server.proxy()
+    os.kill(proxy, signal.SIGKILL)
+    _wait(lambda: "restart: the HTTP proxy (caddy) was killed by SIGKILL" in server.stderr(), 30, "the restart line")
+    _wait(server.ready, 60, "HTTP through a new proxy")
+    assert server.proxy() not in (None, proxy) and server.tritonserver() == triton  # the models stayed loaded
+
+
+def test_killed_proxy_without_restart_exits_1_with_one_line(supervise):
+    server = supervise()
+    left = descendants(server.process.pid)
+    os.kill(server.proxy(), signal.SIGKILL)
+    assert server.process.wait(60) == 1
+    lines = server.stderr().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the HTTP proxy (caddy) was killed by SIGKILL"), lines
     assert not [pid for pid in left if _alive(pid)]
