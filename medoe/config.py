@@ -7,16 +7,23 @@ so everything the network's shape depends on lives here, with the training recip
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import itertools
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
 BACKBONES = ("tiny", "resnet18c", "resnet50c", "resnet101c")
 CONTEXTS = ("aspp", "ppm", "ocr", "light")
+OPTIMIZERS = ("sgd", "adamw")
+DATASETS = ("synthetic", "cityscapes", "ade20k", "folder")  # medoe.data.DATASETS, without importing the loaders
 
 
 @dataclass
@@ -71,33 +78,31 @@ class MEDOEConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Types first (from the annotations), then ranges, then what fields need of each other:
+        a bad config is refused when it is read, not with a TypeError once training has begun."""
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"invalid config: {message}")
 
-        check(self.model in MODEL_TYPES, f"model={self.model!r}, expected one of {MODEL_TYPES}")
-        check(self.backbone in BACKBONES, f"backbone={self.backbone!r}, expected one of {BACKBONES}")
-        check(self.context in CONTEXTS, f"context={self.context!r}, expected one of {CONTEXTS}")
-        check(self.output_stride in (8, 16), f"output_stride={self.output_stride}, expected 8 or 16")
-        check(self.num_experts >= 2, f"num_experts={self.num_experts}, MEDOE needs K >= 2")
-        check(self.num_classes >= 2, f"num_classes={self.num_classes}, need at least 2")
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            rule, expected = RULES.get(f.name, (None, _describe(hint)))
+            check(_matches(value, hint), f"{f.name}={value!r}, expected {expected}")
+            check(rule is None or rule(value), f"{f.name}={value!r}, expected {expected}")
+        k = self.num_experts
         check(
-            len(self.group_thresholds) == self.num_experts - 1
-            or self.model != "medoe",
-            f"group_thresholds has {len(self.group_thresholds)} values, K={self.num_experts} needs K-1",
-        )
-        check(
-            all(0 < t < 1 for t in self.group_thresholds)
-            and all(a < b for a, b in itertools.pairwise(self.group_thresholds)),
-            f"group_thresholds={self.group_thresholds} must increase strictly inside (0, 1)",
+            len(self.group_thresholds) == k - 1 or self.model != "medoe",
+            f"group_thresholds={self.group_thresholds}, expected K-1 = {k - 1} values for num_experts={k}",
         )
         for name in ("class_names", "palette"):
             values = getattr(self, name)
-            check(
-                not values or len(values) == self.num_classes,
-                f"{name} has {len(values)} entries, num_classes={self.num_classes}",
-            )
-        check(len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)")
+            check(not values or len(values) == self.num_classes,
+                  f"{name} has {len(values)} entries, expected num_classes={self.num_classes} (or none)")
+        check(
+            self.ignore_index >= self.num_classes,
+            f"ignore_index={self.ignore_index}, expected a value >= num_classes={self.num_classes} (255): it is a class id",
+        )
 
     @property
     def is_medoe(self) -> bool:
@@ -112,9 +117,10 @@ class MEDOEConfig:
     @classmethod
     def from_dict(cls, values: dict) -> MEDOEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"invalid config: unknown field(s) {unknown}")
+        for name in sorted(set(values) - known):
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"invalid config: unknown field {name!r}{hint}")
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -131,6 +137,97 @@ class MEDOEConfig:
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
         return cls.from_dict(values)
+
+
+# --- checks ----------------------------------------------------------------------------
+# The type of every field comes from its annotation; RULES add the range, as
+# (predicate on a value of the right type, what is expected: the whole description, type included).
+def _size(n: int, low: float, what: str):
+    return (lambda v: len(v) == n and all(x >= low for x in v)), what
+
+
+RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
+    "model": ((lambda v: v in MODEL_TYPES), f"one of {MODEL_TYPES}"),
+    "backbone": ((lambda v: v in BACKBONES), f"one of {BACKBONES}"),
+    "context": ((lambda v: v in CONTEXTS), f"one of {CONTEXTS}"),
+    "optimizer": ((lambda v: v in OPTIMIZERS), f"one of {OPTIMIZERS}"),
+    "dataset": ((lambda v: v in DATASETS), f"one of {DATASETS}"),
+    "output_stride": ((lambda v: v in (8, 16)), "8 or 16"),
+    "decoder_channels": ((lambda v: v >= 1), "an integer >= 1"),
+    "num_experts": ((lambda v: v >= 2), "an integer >= 2 (MEDOE needs K >= 2)"),
+    "decision_hidden": ((lambda v: v >= 1), "an integer >= 1"),
+    "dropout": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    # Labels are uint8 maps with 255 = ignore, so at most 255 classes.
+    "num_classes": ((lambda v: 2 <= v <= 255), "an integer in 2..255"),
+    "palette": ((lambda v: all(len(c) == 3 and all(0 <= x <= 255 for x in c) for c in v)),
+                "a list of [R, G, B] triples of integers in 0..255"),
+    "ignore_index": ((lambda v: 0 <= v <= 255), "an integer in 0..255"),
+    "group_thresholds": ((lambda v: all(0 < t < 1 for t in v) and all(a < b for a, b in itertools.pairwise(v))),
+                         "a list of numbers increasing strictly inside (0, 1)"),
+    "mean": _size(3, -math.inf, "a list of 3 finite numbers (RGB)"),
+    "std": ((lambda v: len(v) == 3 and all(x > 0 for x in v)), "a list of 3 finite numbers > 0 (RGB)"),
+    "alpha": ((lambda v: 0 <= v <= 1), "a number in [0, 1]"),
+    "select_balance_power": ((lambda v: v >= 0), "a finite number >= 0"),
+    "focal_gamma": ((lambda v: v >= 0), "a finite number >= 0"),
+    "crop_size": _size(2, 1, "a list of 2 integers >= 1"),
+    "synthetic_size": _size(2, 1, "a list of 2 integers >= 1"),
+    "synthetic_train_images": ((lambda v: v >= 1), "an integer >= 1"),
+    "synthetic_val_images": ((lambda v: v >= 1), "an integer >= 1"),
+    "lr": ((lambda v: v > 0), "a finite number > 0"),
+    "momentum": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
+    "weight_decay": ((lambda v: v >= 0), "a finite number >= 0"),
+    "poly_power": ((lambda v: v >= 0), "a finite number >= 0"),
+    "batch_size": ((lambda v: v >= 1), "an integer >= 1"),
+    "iters": ((lambda v: v >= 1), "an integer >= 1"),
+    "stage2_iters": ((lambda v: v >= 0), "an integer >= 0 (0 = iters // 10)"),
+    "stage2_lr": ((lambda v: v > 0), "a finite number > 0"),
+    "num_workers": ((lambda v: v >= 0), "an integer >= 0"),
+    "seed": ((lambda v: 0 <= v < 2**32), "an integer in 0..2**32-1"),  # numpy refuses negative seeds
+}
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)  # the annotations are strings (`from __future__ import annotations`)
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bool is an int subclass, but `true` is no iteration count
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is fine where a float is expected; NaN and inf are not
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return f"one of {args}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if origin in (list, tuple):
+        return ("lists of " if plural else "a list of ") + (_describe(args[0], True) if args else "values")
+    names = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+             str: ("a string", "strings"), type(None): ("null", "nulls")}
+    single, many = names.get(hint, (f"a {getattr(hint, '__name__', hint)}", f"{getattr(hint, '__name__', hint)} values"))
+    return many if plural else single
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -7,7 +7,8 @@
 `segment` gets each image's encoded bytes (one request per image, all in flight at once);
 `medoe` gets decoded uint8 [N, H, W, 3] batches of same-sized images, and the overlay and
 class shares are then computed here. Palette and class names come from `medoe`'s config.
-Exit codes: 0 ok, 1 server error (with the server's message) or failed --check, 2 bad input.
+Exit codes (the --help epilog has the whole convention): 0 ok, 1 server, connection or internal
+failure or a failed --check, 2 bad input, including an image the server refused as invalid.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import queue
 import sys
 import time
@@ -22,22 +24,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from serving.processing import class_share, decode_image, overlay, palette_array
+# The local side lives in client_io; its names stay importable from here (serving.client.ClientError ...).
+from serving.client_io import (
+    EPILOG,
+    ClientError,
+    check_against_onnx,
+    check_out_dir,
+    decode,
+    parse_url,
+    read_inputs,
+    write_results,
+)
+from serving.processing import class_share, overlay, palette_array
+
+__all__ = ["ClientError", "Metadata", "Result", "check_against_onnx", "get_metadata", "read_inputs",
+           "segment_images", "with_retries", "write_results"]
 
 SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "confidence", "expert_weights")
 MEDOE_OUTPUTS = ("labels", "confidence", "expert_weights")
 MIN_AGREEMENT = 0.9999
-
-
-class ClientError(RuntimeError):
-    """A one-line failure; `code` is the CLI's exit status (1 server, 2 bad input)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -72,6 +79,14 @@ def _modules(protocol: str):
     return module, InferenceServerException
 
 
+def _connect(module, protocol: str, url: str, concurrency: int = 1, timeout: float = 60.0):
+    address, ssl = parse_url(url, protocol)
+    if protocol == "http":
+        return module.InferenceServerClient(address, concurrency=concurrency, connection_timeout=timeout,
+                                            network_timeout=timeout, ssl=ssl)
+    return module.InferenceServerClient(address, ssl=ssl)
+
+
 def _is_connection_error(err: Exception) -> bool:
     # HTTP surfaces socket errors as OSError, a connection the server closed mid-request (it was
     # killed) as geventhttpclient's HTTPConnectionClosed, an http.client.HTTPException; gRPC as UNAVAILABLE.
@@ -82,6 +97,10 @@ def _is_connection_error(err: Exception) -> bool:
 # healthy") failed, is restarting or is overloaded. A bad request (HTTP 400 / INVALID_ARGUMENT)
 # gets the same answer every time, so it fails at once with the server's message.
 TRANSIENT_STATUSES = {"500", "502", "503", "504", "StatusCode.INTERNAL", "StatusCode.UNAVAILABLE"}
+# The server refused what it was sent (a python backend's TritonError.INVALID_ARG): for an
+# inference request that is the caller's image, so bad input (exit 2) like a file the client
+# could not decode; for the metadata request it means a wrong server (exit 1).
+INVALID_STATUSES = {"400", "StatusCode.INVALID_ARGUMENT"}
 
 
 def _is_transient(err: Exception) -> bool:
@@ -93,42 +112,25 @@ def _server_message(err: Exception) -> str:
     return " ".join(str(message or type(err).__name__).split())  # one line, even for a multi-line message
 
 
-def with_retries(call: Callable, retries: int, backoff: float, url: str):
+def with_retries(call: Callable, retries: int, backoff: float, url: str, inference: bool = False):
     """call() retried on connection errors and transient server errors (HTTP 5xx, gRPC
-    UNAVAILABLE/INTERNAL) after backoff, 2*backoff, 4*backoff ... seconds."""
+    UNAVAILABLE/INTERNAL) after backoff, 2*backoff, 4*backoff ... seconds. With `inference`,
+    a request refused as invalid is bad input (code 2), named by its `request_name`."""
     _, server_error = _modules("http")
     for attempt in range(retries + 1):
         try:
             return call()
         except (OSError, http.client.HTTPException, server_error) as err:
             if not _is_transient(err):
-                raise ClientError(f"server: {_server_message(err)}", 1) from None
+                invalid = inference and str(getattr(err, "status", lambda: "")()) in INVALID_STATUSES
+                name = f"{err.request_name}: " if invalid and getattr(err, "request_name", None) else ""
+                raise ClientError(f"server: {name}{_server_message(err)}", 2 if invalid else 1) from None
             if attempt == retries:
                 if _is_connection_error(err):
                     raise ClientError(f"cannot reach {url} after {retries + 1} attempts: {_server_message(err)}", 1) from None
                 tries = f" (after {retries + 1} attempts)" if retries else ""
                 raise ClientError(f"server: {_server_message(err)}{tries}", 1) from None
             time.sleep(backoff * 2 ** attempt)
-
-
-def read_inputs(paths_or_bytes: Sequence[str | Path | bytes | tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """(name, encoded bytes) per item; a missing or unreadable file is a bad input (code 2)."""
-    items = []
-    for index, item in enumerate(paths_or_bytes):
-        if isinstance(item, bytes | bytearray | memoryview):
-            items.append((f"image{index}", bytes(item)))
-            continue
-        if isinstance(item, tuple):  # (name, bytes), already read
-            items.append((str(item[0]), bytes(item[1])))
-            continue
-        path = Path(item)
-        try:
-            items.append((path.stem, path.read_bytes()))
-        except OSError as err:
-            raise ClientError(f"cannot read {path}: {err.strerror or err}", 2) from None
-    if not items:
-        raise ClientError("no images given", 2)
-    return items
 
 
 def fetch_metadata(client, protocol: str) -> Metadata:
@@ -147,34 +149,37 @@ def fetch_metadata(client, protocol: str) -> Metadata:
 def get_metadata(url: str, protocol: str = "http", retries: int = 3, backoff: float = 0.5) -> Metadata:
     """`medoe`'s metadata alone (what a UI needs before the first image)."""
     module, _ = _modules(protocol)
-    client = module.InferenceServerClient(url)
+    client = _connect(module, protocol, url)
     try:
         return with_retries(lambda: fetch_metadata(client, protocol), retries, backoff, url)
     finally:
         client.close()
 
 
-def _decode(name: str, data: bytes) -> np.ndarray:
-    try:
-        return decode_image(data)
-    except ValueError as err:
-        raise ClientError(f"{name}: {err}", 2) from None
-
-
-def _gather(client, protocol: str, module, model: str, requests: list[list], outputs: Sequence[str]) -> list:
-    """All requests in flight at once; results in request order (the server's error raised first)."""
+def _gather(client, protocol: str, module, model: str, requests: list[list], outputs: Sequence[str],
+            names: Sequence[str]) -> list:
+    """All requests in flight at once; results in request order (the server's error raised first,
+    with the request's image names as `request_name`, so a refusal says which image)."""
     wanted = [module.InferRequestedOutput(n, binary_data=True) if protocol == "http"
               else module.InferRequestedOutput(n) for n in outputs]
+    _, server_error = _modules(protocol)
+    results: list = [None] * len(requests)
     if protocol == "http":
         pending = [client.async_infer(model, inputs, outputs=wanted) for inputs in requests]
-        return [p.get_result() for p in pending]
+        for index, request in enumerate(pending):
+            try:
+                results[index] = request.get_result()
+            except server_error as err:
+                err.request_name = names[index]
+                raise
+        return results
     done: queue.Queue = queue.Queue()
     for index, inputs in enumerate(requests):
         client.async_infer(model, inputs, lambda result, error, i=index: done.put((i, result, error)), outputs=wanted)
-    results: list = [None] * len(requests)
     for _ in requests:
         index, result, error = done.get()
         if error is not None:
+            error.request_name = names[index]
             raise error
         results[index] = result
     return results
@@ -196,20 +201,18 @@ def segment_images(paths_or_bytes: Sequence[str | Path | bytes], url: str, proto
     if model not in ("segment", "medoe"):
         raise ClientError(f"unknown model {model!r}: use segment or medoe", 2)
     module, _ = _modules(protocol)
+    parse_url(url, protocol)  # a bad --url before reading or decoding anything
     items = read_inputs(paths_or_bytes)
-    decoded = [_decode(name, data) for name, data in items] if model == "medoe" else None
-    if protocol == "http":
-        client = module.InferenceServerClient(url, concurrency=max(1, min(len(items), 16)),
-                                              connection_timeout=timeout, network_timeout=timeout)
-    else:
-        client = module.InferenceServerClient(url)
+    decoded = [decode(name, data) for name, data in items] if model == "medoe" else None
+    client = _connect(module, protocol, url, max(1, min(len(items), 16)), timeout)
     try:
         meta = with_retries(lambda: fetch_metadata(client, protocol), retries, backoff, url)
         if model == "segment":
             requests = [[_tensor(module, protocol, "image", np.array([data], dtype=object), "BYTES")] for _, data in items]
             start = time.perf_counter()
-            answers = with_retries(lambda: _gather(client, protocol, module, "segment", requests, SEGMENT_OUTPUTS),
-                                   retries, backoff, url)
+            names = [name for name, _ in items]
+            answers = with_retries(lambda: _gather(client, protocol, module, "segment", requests, SEGMENT_OUTPUTS, names),
+                                   retries, backoff, url, inference=True)
             seconds = time.perf_counter() - start
             return [Result(name, *(a.as_numpy(n) for n in SEGMENT_OUTPUTS), seconds=seconds)
                     for (name, _), a in zip(items, answers, strict=True)], meta
@@ -221,8 +224,9 @@ def segment_images(paths_or_bytes: Sequence[str | Path | bytes], url: str, proto
         batches = [ids[i:i + step] for ids in groups.values() for i in range(0, len(ids), step)]
         requests = [[_tensor(module, protocol, "images", np.stack([decoded[i] for i in ids]), "UINT8")] for ids in batches]
         start = time.perf_counter()
-        answers = with_retries(lambda: _gather(client, protocol, module, "medoe", requests, MEDOE_OUTPUTS),
-                               retries, backoff, url)
+        names = [", ".join(items[i][0] for i in ids) for ids in batches]
+        answers = with_retries(lambda: _gather(client, protocol, module, "medoe", requests, MEDOE_OUTPUTS, names),
+                               retries, backoff, url, inference=True)
         seconds = time.perf_counter() - start
         results: list[Result | None] = [None] * len(items)
         for ids, answer in zip(batches, answers, strict=True):
@@ -236,40 +240,11 @@ def segment_images(paths_or_bytes: Sequence[str | Path | bytes], url: str, proto
         client.close()
 
 
-def check_against_onnx(results: list[Result], items: list[tuple[str, bytes]], onnx_path: str | Path) -> float:
-    """Fraction of pixels whose server label equals in-process onnxruntime's on `onnx_path`."""
-    import onnxruntime as ort
-
-    if not Path(onnx_path).is_file():
-        raise ClientError(f"--check: no ONNX file at {onnx_path}", 2)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    same = total = 0
-    for result, (name, data) in zip(results, items, strict=True):
-        image = result.image if result.image is not None else _decode(name, data)
-        expected = session.run(["labels"], {"images": image[np.newaxis]})[0][0]
-        if expected.shape != result.labels.shape:
-            raise ClientError(f"--check: {name}: server labels {result.labels.shape} vs onnxruntime {expected.shape}", 1)
-        same += int((expected == result.labels).sum())
-        total += expected.size
-    return same / max(total, 1)
-
-
-def write_results(results: list[Result], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for result in results:
-        for suffix, image in (("labels", result.labels), ("overlay", cv2.cvtColor(result.overlay, cv2.COLOR_RGB2BGR))):
-            path = out / f"{result.name}_{suffix}.png"
-            if not cv2.imwrite(str(path), image):
-                raise ClientError(f"cannot write {path}", 2)
-            written.append(path)
-    return written
-
-
 def get_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="encoded image files (JPEG/PNG/BMP/WebP)")
-    parser.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT (8000 HTTP, 8001 gRPC by default)")
+    parser.add_argument("--url", default="127.0.0.1:8000", help="HOST:PORT, or a URL as below (8000 HTTP, 8001 gRPC by default)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", choices=("segment", "medoe"), default="segment")
     parser.add_argument("--out", required=True, help="directory for <stem>_labels.png and <stem>_overlay.png")
@@ -284,13 +259,20 @@ def get_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
+        # Every argument, file and output location first: nothing is sent before all of them pass.
         if args.check and not args.onnx:
             raise ClientError("--check needs --onnx PATH", 2)
-        if args.retries < 0 or args.backoff < 0:
+        if args.check and not Path(args.onnx).is_file():
+            raise ClientError(f"--check: no ONNX file at {args.onnx}", 2)
+        if args.retries < 0 or not 0 <= args.backoff < math.inf:  # `not` also catches nan
             raise ClientError("--retries and --backoff must be >= 0", 2)
+        if not 0 < args.timeout < math.inf:
+            raise ClientError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}", 2)
+        parse_url(args.url, args.protocol)
         items = read_inputs(args.images)
+        out = check_out_dir(args.out, [name for name, _ in items], ("labels", "overlay"))
         results, meta = segment_images(items, args.url, args.protocol, args.model, args.retries, args.backoff, args.timeout)
-        write_results(results, Path(args.out))
+        write_results(results, out)
         for result in results:
             top = np.argsort(result.class_share)[::-1][:3]
             shares = ", ".join(f"{meta.class_names[c]} {result.class_share[c]:.1%}" for c in top if result.class_share[c] > 0)

@@ -7,9 +7,12 @@ import json
 import cv2
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from export import to_onnx
-from medoe.data import FolderDataset
+from medoe.checkpoint import load_checkpoint
+from medoe.data import FolderDataset, SyntheticStreets
+from medoe.data.common import to_tensors
 from training import evaluate, train
 
 
@@ -62,6 +65,14 @@ def test_a_folder_dataset_trains_and_evaluates_from_the_documented_commands(tmp_
         assert saved.shape == dataset.label_map(i).shape
 
 
+# A pixel whose top two final probabilities are closer than this (relative to the top one) is a
+# tie that float noise may break either way: PyTorch and onnxruntime sum in different orders, and
+# their confidences differ by up to ~3e-7 relative on this model. Everywhere else the label is
+# determined and must be equal. After 3 iterations the probabilities are nearly uniform (~1/12):
+# 1e-5 leaves ~0.3% of the pixels as ties (1e-4 would leave ~3%).
+TIE_MARGIN = 1e-5
+
+
 def test_exported_labels_equal_the_saved_predictions(tmp_path):
     work = tmp_path / "run"
     assert train.main(["--config", small_config(tmp_path, "synthetic"), "--work-dir", str(work),
@@ -70,16 +81,25 @@ def test_exported_labels_equal_the_saved_predictions(tmp_path):
     assert evaluate.main(["--checkpoint", str(work / "final"), "--split", "val", "--out", str(tmp_path / "m.json"),
                           "--save-preds", str(preds), "--no-plot"]) == 0
     onnx_path = tmp_path / "repo" / "medoe" / "1" / "model.onnx"
-    assert to_onnx.main(["--checkpoint", str(work / "final"), "--out", str(onnx_path)]) == 0
+    # to_onnx's own parity check counts every label, near-ties too, which a 3-iteration model
+    # (nearly uniform) is full of: this test compares the determined pixels exactly below instead.
+    assert to_onnx.main(["--checkpoint", str(work / "final"), "--out", str(onnx_path), "--min-agreement", "0.99"]) == 0
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    from medoe.data import SyntheticStreets
-
+    model = load_checkpoint(work / "final").model.eval()  # the margins, from the model that saved the predictions
     dataset = SyntheticStreets(num_images=3, height=64, width=96, seed=0, split="val")
-    agree = total = 0
+    ties = total = 0
     for i in range(len(dataset)):
-        image, _ = dataset.load(i)
+        image, label = dataset.load(i)
         labels = session.run(["labels"], {"images": image[None]})[0][0]
         saved = cv2.imread(str(preds / f"{dataset.sample_name(i)}.png"), cv2.IMREAD_UNCHANGED)
-        agree += int((labels == saved).sum())
+        with torch.no_grad():
+            probs = model(to_tensors(image, label)[0][None]).probs[0]
+        top = probs.topk(2, dim=0).values.numpy()
+        determined = (top[0] - top[1]) > TIE_MARGIN * top[0]
+        name = dataset.sample_name(i)
+        np.testing.assert_array_equal(probs.argmax(0).numpy()[determined], saved[determined], err_msg=f"{name}: PyTorch")
+        np.testing.assert_array_equal(labels[determined], saved[determined], err_msg=f"{name}: exported vs saved")
+        ties += int((~determined).sum())
         total += saved.size
-    assert agree / total >= 0.9999, f"{total - agree} of {total} pixels differ"
+    # Ties must stay rare, or the exact comparison above would check next to nothing.
+    assert ties / total < 0.01, f"{ties} of {total} pixels are near-ties"

@@ -101,16 +101,129 @@ def test_missing_file_is_exit_2_one_line(server, tmp_path):  # noqa: F811
     assert len(lines) == 1 and lines[0].startswith("error: cannot read") and "nope.png" in lines[0]
 
 
-def test_server_refusal_is_exit_1_with_servers_message(server, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("model", ["segment", "medoe"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_bad_image_is_exit_2_for_both_models_and_protocols(protocol, model, server, tmp_path):  # noqa: F811
+    # `segment` sends the bytes and the server refuses them (HTTP 400 / INVALID_ARGUMENT); `medoe`
+    # decodes here first. Either way it is the caller's bad input: exit 2, the image named, no retry
+    # (a retry would sleep the 20 s backoff first).
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"definitely not an image")
-    # INVALID_ARGUMENT is never retried: a retry would sleep the 20 s backoff first.
     start = time.monotonic()
-    process = run_cli(bad, "--url", server.grpc_url, "--protocol", "grpc", "--out", tmp_path, "--retries", "3", "--backoff", "20")
+    process = run_cli(bad, "--url", url(server, protocol), "--protocol", protocol, "--model", model,
+                      "--out", tmp_path / "out", "--retries", "3", "--backoff", "20")
     assert time.monotonic() - start < 15
-    assert process.returncode == 1
+    assert process.returncode == 2, process.stderr
     lines = process.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not an image" in lines[0] and "attempts" not in lines[0]
+    assert len(lines) == 1 and "not an image" in lines[0] and "attempts" not in lines[0], process.stderr
+    assert lines[0].startswith("error: server: bad: " if model == "segment" else "error: bad: ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("status, inference, code", [
+    ("400", True, 2), ("StatusCode.INVALID_ARGUMENT", True, 2), ("404", True, 1),
+    ("400", False, 1), ("StatusCode.INVALID_ARGUMENT", False, 1)])
+def test_a_refused_inference_request_is_bad_input(status, inference, code):
+    # Refused as invalid: the caller's image (exit 2) for an inference request; for the metadata
+    # request (inference=False) the server is the wrong one, a server failure (exit 1).
+    from tritonclient.utils import InferenceServerException
+
+    def refused():
+        error = InferenceServerException("image is 9000x9000, over the limit", status=status)
+        error.request_name = "big"
+        raise error
+
+    with pytest.raises(client.ClientError) as error:
+        client.with_retries(refused, 3, 10.0, "host:1", inference=inference)
+    assert error.value.code == code
+    assert str(error.value) == ("server: big: " if code == 2 else "server: ") + "image is 9000x9000, over the limit"
+
+
+@pytest.mark.parametrize("protocol, scheme", [("http", "http://"), ("grpc", "grpc://")])
+def test_a_url_with_its_scheme_works(protocol, scheme, server, images):  # noqa: F811
+    address = url(server, protocol)
+    results, _ = client.segment_images(images[:1], f"{scheme}{address}/", protocol, retries=0)
+    assert results[0].labels.shape == (40, 56)
+    assert client.get_metadata(f"{scheme}{address}", protocol, retries=0).class_names
+
+
+@pytest.mark.parametrize("protocol, bad_url, message", [
+    ("http", ":::", "has no valid port"), ("http", "host:notaport", "has no valid port"), ("http", "", "empty --url"),
+    ("http", "127.0.0.1", "has no port"), ("http", "127.0.0.1:99999", "has no valid port"),
+    ("http", "ftp://127.0.0.1:8000", "unknown scheme 'ftp'"), ("http", "grpc://127.0.0.1:8001", "unknown scheme 'grpc'"),
+    ("grpc", "http://127.0.0.1:8001", "is an HTTP URL but --protocol is grpc"),
+    ("grpc", "https://127.0.0.1:8001", "is an HTTP URL but --protocol is grpc"),
+    ("grpc", "127.0.0.1:8001/v2", "a gRPC address has no path"), ("grpc", ":::", "has no valid port"),
+    ("http", "user@127.0.0.1:8000", "more than an address")])
+def test_a_bad_url_is_exit_2_one_line(protocol, bad_url, message, images, tmp_path, capsys):
+    assert client.main([str(images[0]), "--url", bad_url, "--protocol", protocol, "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    with pytest.raises(client.ClientError, match=message) as error:  # the library refuses it too
+        client.segment_images(images[:1], bad_url, protocol)
+    assert error.value.code == 2
+
+
+def test_a_scheme_in_the_url_is_no_traceback_from_the_cli(images, tmp_path):
+    port = free_ports(1)[0]  # nothing listens: the scheme is stripped and the connection is tried
+    process = run_cli(images[0], "--url", f"http://127.0.0.1:{port}", "--out", tmp_path, "--retries", "0")
+    assert process.returncode == 1 and "Traceback" not in process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port} after 1 attempts")
+
+
+def test_https_to_a_plain_server_is_one_line_exit_1(server, images, tmp_path):  # noqa: F811
+    # https:// is TLS through tritonclient's ssl option; this server speaks plain HTTP, so the
+    # handshake fails: a connection failure, one line.
+    process = run_cli(images[0], "--url", f"https://{server.http_url}", "--out", tmp_path, "--retries", "0")
+    assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach https://{server.http_url}"), lines
+
+
+def _out_cases(tmp_path, images):
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"x")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / f"{images[0].stem}_overlay.png").mkdir()  # a directory where a result goes
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / images[0].name).write_bytes(images[0].read_bytes())
+    return {
+        "an existing file": ([images[0]], existing, f"--out {existing} exists and is not a directory"),
+        "under a file": ([images[0]], existing / "sub", f"cannot create --out {existing / 'sub'}: {existing} is not a directory"),
+        "a directory in the way": ([images[0]], tmp_path / "taken", "it exists and is not a file"),
+        "two images, one name": ([images[0], twin / images[0].name], tmp_path / "new", "are both named 'img0'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["an existing file", "under a file", "a directory in the way", "two images, one name"])
+def test_a_bad_out_is_exit_2_before_any_request(case, images, tmp_path, capsys):
+    inputs, out, message = _out_cases(tmp_path, images)[case]
+    port = free_ports(1)[0]  # nothing listens: an error about the connection would mean a request was tried
+    assert client.main([*map(str, inputs), "--url", f"127.0.0.1:{port}", "--out", str(out), "--retries", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "cannot reach" not in lines[0], lines
+
+
+def test_an_existing_out_file_is_refused_by_the_cli(images, tmp_path):
+    existing = tmp_path / "results"
+    existing.write_text("not a directory")
+    port = free_ports(1)[0]
+    process = run_cli(images[0], "--url", f"127.0.0.1:{port}", "--out", existing, "--retries", "0")
+    assert process.returncode == 2 and "Traceback" not in process.stderr
+    assert process.stderr.strip() == f"error: --out {existing} exists and is not a directory"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--check"], "--check needs --onnx PATH"), (["--check", "--onnx", "absent.onnx"], "--check: no ONNX file at absent.onnx"),
+    (["--timeout", "0"], "--timeout must be"), (["--timeout", "nan"], "--timeout must be"),
+    (["--backoff", "nan"], "--retries and --backoff must be >= 0"), (["--retries", "-1"], "--retries and --backoff")])
+def test_bad_arguments_are_exit_2_before_any_request(extra, message, images, tmp_path, capsys):
+    port = free_ports(1)[0]
+    assert client.main([str(images[0]), "--url", f"127.0.0.1:{port}", "--out", str(tmp_path), *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

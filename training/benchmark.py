@@ -31,7 +31,7 @@ from medoe.report import (
     write_report,
 )
 from training import train
-from training.common import get_dataset
+from training.common import get_dataset, load_config
 from training.evaluate import evaluate, format_table
 from training.plots import plot_comparison
 
@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - {*BASELINES, *MEDOE_RUNS})
     if unknown:
         print(f"error: unknown run(s) {unknown}; choose from {[*BASELINES, *MEDOE_RUNS]}", file=sys.stderr)
+        return 2
+    try:  # a bad config is one line and exit 2 here, not "training baseline failed" after the first run
+        load_config(args.config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     seconds = train_all(args, names)

@@ -26,7 +26,10 @@ def load_config(name_or_path: str) -> MEDOEConfig:
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ValueError(f"config {name_or_path!r} not found; known configs: {', '.join(known)}")
-    return MEDOEConfig.load(path)
+    try:
+        return MEDOEConfig.load(path)  # checks every field's type and range, before any dataset is built
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def get_dataset(config: MEDOEConfig, split: str) -> Dataset:
