@@ -37,7 +37,7 @@ from medoe.report import (
     write_report,
 )
 from serving import bench_clients as clients
-from serving.processing import decode_image
+from serving.decode import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("labels", "confidence", "expert_weights")

@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 
-from serving.processing import decode_image
+from serving.decode import decode_image
 
 
 def ort_session(onnx_path):

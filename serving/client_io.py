@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from serving.processing import decode_image
+from serving.decode import decode_image
 
 if TYPE_CHECKING:
     from serving.client import Result

@@ -28,7 +28,7 @@ import numpy as np
 from export import CliParser
 from serving import demo_views as views
 from serving.client import ClientError, get_metadata, segment_images
-from serving.processing import decode_image
+from serving.decode import decode_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLES = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix in (".png", ".jpg")) if EXAMPLES_DIR.is_dir() else []

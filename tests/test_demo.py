@@ -157,11 +157,12 @@ def test_refused_image_shows_the_servers_message(demo, tmp_path):
     from gradio_client import Client, handle_file
 
     _, url = demo
-    grey = tmp_path / "grey.png"
-    cv2.imwrite(str(grey), np.full((40, 60), 128, np.uint8))
-    outputs = Client(url, verbose=False).predict(handle_file(str(grey)), 0.5, [], api_name="/segment")
+    tiff = tmp_path / "grey.tif"
+    cv2.imwrite(str(tiff), np.full((40, 60), 128, np.uint8))
+    outputs = Client(url, verbose=False).predict(handle_file(str(tiff)), 0.5, [], api_name="/segment")
     status = outputs[6]
-    assert status.startswith("**Refused by the server:**") and "grayscale PNG is not supported" in status
+    assert status.startswith("**Refused by the server:**")
+    assert "TIFF images are not accepted: send JPEG, PNG, BMP or WebP" in status, status
     assert outputs[0] is None  # no stale overlay left from an earlier image
 
 

@@ -1,4 +1,4 @@
-"""serving/processing.decode_image: one rule per pixel layout in every accepted format (the table in
+"""serving/decode.decode_image: one rule per pixel layout in every accepted format (the table in
 its module docstring); every other format refused from its first bytes, every oversized image
 from its header, none of them decoded."""
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from serving import processing
-from serving.processing import decode_image, image_header
+from serving import decode, image_headers
+from serving.decode import decode_image
+from serving.image_headers import image_header
 
 ACCEPTED = ("JPEG", "PNG", "BMP", "WebP")
 RGB = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
@@ -42,12 +43,29 @@ def png_chunks(ihdr: bytes, idat: bytes, *extra: bytes) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(extra) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_raw(samples: np.ndarray, depth: int, colour: int, interlaced: bool = False) -> bytes:
+    """A PNG written sample by sample (filter 0): neither OpenCV nor Pillow writes interlaced PNG,
+    16-bit grey+alpha (colour type 4) or 2-bit grey."""
+    height, width = samples.shape[:2]
+
+    def rows(image):
+        flat = image.reshape(len(image), -1)
+        if depth == 16:
+            packed = flat.astype(">u2").view(np.uint8)
+        else:  # the low `depth` bits of each sample, packed from the high bit on
+            bits = np.unpackbits(flat.astype(np.uint8)[..., None], axis=-1)[..., 8 - depth:]
+            packed = np.packbits(bits.reshape(len(flat), -1), axis=1)
+        return b"".join(b"\x00" + row.tobytes() for row in packed)
+    passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
+    raw = b"".join(rows(samples[y0::dy, x0::dx]) for x0, y0, dx, dy in passes if width > x0 and height > y0)
+    return png_chunks(struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, int(interlaced)), zlib.compress(raw))
+
+
 def png_16_bit_grey_alpha(grey: np.ndarray, alpha: np.ndarray) -> bytes:
-    # Neither OpenCV nor Pillow writes 16-bit grey+alpha (colour type 4), so write it here.
-    height, width = grey.shape
-    rows = np.dstack([grey, alpha]).astype(">u2").reshape(height, -1).view(np.uint8)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-    return png_chunks(struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0), zlib.compress(raw))
+    return png_raw(np.dstack([grey, alpha]), 16, 4)
 
 
 def round16(values: np.ndarray) -> np.ndarray:
@@ -80,6 +98,7 @@ LAYOUTS = {
     "PNG RGB": (lambda: pillow(Image.fromarray(RGB), "PNG"), lambda: RGB, 0),
     "PNG grey": (lambda: pillow(Image.fromarray(GREY), "PNG"), lambda: grey_rgb(GREY), 0),
     "PNG grey 1-bit": (lambda: pillow(Image.fromarray(GREY > 128), "PNG"), lambda: grey_rgb((GREY > 128) * np.uint8(255)), 0),
+    "PNG grey 2-bit": (lambda: png_raw(GREY >> 6, 2, 0), lambda: grey_rgb((GREY >> 6) * np.uint8(85)), 0),
     "PNG grey+alpha": (lambda: pillow(Image.fromarray(np.dstack([GREY, ALPHA]), "LA"), "PNG"), lambda: grey_rgb(GREY), 0),
     "PNG palette": (lambda: pillow(palette_image(), "PNG"), lambda: np.asarray(palette_image().convert("RGB")), 0),
     "PNG palette 4-bit": (lambda: pillow(palette_image(), "PNG", bits=4), lambda: np.asarray(palette_image().convert("RGB")), 0),
@@ -91,6 +110,8 @@ LAYOUTS = {
                               lambda: grey_rgb(round16(WIDE16[..., 0])), 0),
     "PNG RGB 16-bit": (lambda: opencv(WIDE16[..., ::-1], ".png"), lambda: round16(WIDE16), 0),
     "PNG RGBA 16-bit": (lambda: opencv(np.dstack([WIDE16[..., ::-1], WIDE16[..., :1]]), ".png"), lambda: round16(WIDE16), 0),
+    "PNG RGB interlaced": (lambda: png_raw(RGB, 8, 2, interlaced=True), lambda: RGB, 0),
+    "PNG RGB 16-bit interlaced": (lambda: png_raw(WIDE16, 16, 2, interlaced=True), lambda: round16(WIDE16), 0),
     "BMP RGB": (lambda: opencv(RGB[..., ::-1], ".bmp"), lambda: RGB, 0),
     "BMP grey": (lambda: pillow(Image.fromarray(GREY), "BMP"), lambda: grey_rgb(GREY), 0),
     "BMP 1-bit": (lambda: pillow(Image.fromarray(GREY > 128), "BMP"), lambda: grey_rgb((GREY > 128) * np.uint8(255)), 0),
@@ -179,8 +200,9 @@ REFUSED = {
 @pytest.fixture()
 def no_decoding(monkeypatch):
     def refuse(*args):
-        raise AssertionError("cv2.imdecode ran: the refusal came too late")
-    monkeypatch.setattr(processing.cv2, "imdecode", refuse)
+        raise AssertionError("a decoder ran: the refusal came too late")
+    monkeypatch.setattr(decode.cv2, "imdecode", refuse)
+    monkeypatch.setattr(decode.PngImagePlugin.PngImageFile, "load", refuse)  # 1- to 8-bit PNG
 
 
 @pytest.mark.parametrize("case", REFUSED)
@@ -237,19 +259,136 @@ def test_webp_whose_header_lies_is_refused_without_a_large_allocation(canvas, st
     assert time.perf_counter() - start < 0.5  # 3000x3000 decoded would take longer than refusing
 
 
-def test_png_is_decoded_at_its_header_size_whatever_its_data_holds():
+@pytest.mark.parametrize("depth", [8, 16])  # Pillow decodes 8 bits, OpenCV 16 after a bounded inflate
+def test_png_is_decoded_at_its_header_size_whatever_its_data_holds(depth):
     def png(width, height, rows, row_bytes):
         raw = (b"\x00" + bytes(row_bytes)) * rows
-        return png_chunks(struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0), zlib.compress(raw))
-    assert decode_image(png(16, 16, 2000, 3 * 2000)).shape == (16, 16, 3)  # surplus data ignored
+        return png_chunks(struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0), zlib.compress(raw))
+    pixel = 3 * depth // 8
+    assert decode_image(png(16, 16, 2000, pixel * 2000)).shape == (16, 16, 3)  # surplus data ignored
     with pytest.raises(ValueError, match="corrupt or truncated PNG"):
-        decode_image(png(2000, 2000, 16, 3 * 16))  # too little data: refused
+        decode_image(png(2000, 2000, 16, pixel * 16))  # too little data: refused
 
 
-def test_decoded_size_must_match_the_header(monkeypatch):
-    monkeypatch.setattr(processing.cv2, "imdecode", lambda *args: np.zeros((5, 7, 3), np.uint8))
+def zeros_after(data: bytes, mib: int) -> bytes:
+    """A zlib stream of `data` then `mib` MiB of zeros, about 1 kB per MiB, built without
+    compressing them: after a full flush the compressor writes the same bytes for the same input."""
+    deflate = zlib.compressobj(9)
+    head = deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)
+    one_mib = deflate.compress(bytes(1 << 20)) + deflate.flush(zlib.Z_FULL_FLUSH)
+    end = deflate.flush()[:-4]  # the last block, without the checksum of what this compressor saw
+    # Adler-32 of data + zeros: a zero leaves the low sum alone and adds it to the high sum.
+    low, high = zlib.adler32(data) & 0xFFFF, zlib.adler32(data) >> 16
+    high = (high + (mib << 20) * low) % 65521
+    return head + one_mib * mib + end + struct.pack(">I", high << 16 | low)
+
+
+def test_zeros_after_is_a_valid_stream():
+    assert zlib.decompress(zeros_after(b"rows", 3)) == b"rows" + bytes(3 << 20)
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_png_bomb_is_decoded_without_inflating_the_surplus(depth):
+    # A 64x64 image whose stream holds 2 GiB of zeros after its rows, in 2 MB: OpenCV's libpng
+    # inflated and dropped them all (4.4 s; a 64 MiB request would have taken 2 minutes).
+    rows = bytes((1 + 64 * 3 * depth // 8) * 64)  # filter 0, all samples 0
+    data = png_chunks(struct.pack(">IIBBBBB", 64, 64, depth, 2, 0, 0, 0), zeros_after(rows, 2048))
+    assert len(data) < 2_200_000
+    start = time.perf_counter()
+    decoded = decode_image(data)
+    assert time.perf_counter() - start < 1.0
+    assert decoded.shape == (64, 64, 3) and not decoded.any()
+
+
+def jpeg_with_empty_scans(scans: int) -> bytes:
+    """A 1024x1024 grey progressive JPEG with `scans` more scans of 12 bytes each: refinement scans
+    that code one end-of-band run over all 16384 blocks, which libjpeg still visits one by one."""
+    data = pillow(Image.new("L", (1024, 1024), 128), "JPEG", progressive=True)
+    end = data.rindex(b"\xff\xd9")
+    # AC table 1 with a single symbol, 0xE0 (an end-of-band run of 2^14 + 14 more bits), coded "0"
+    table = b"\xff\xc4" + struct.pack(">H", 20) + b"\x11" + bytes([1] + [0] * 15) + b"\xe0"
+    # component 1 with AC table 1, coefficients 1..63, refining bit 0; "0" + 14 zero bits, padded with 1
+    scan = b"\xff\xda" + struct.pack(">HB", 8, 1) + b"\x01\x01" + bytes([1, 63, 0x10]) + b"\x00\x01"
+    return data[:end] + table + scan * scans + data[end:]
+
+
+def test_jpeg_scans_are_limited():
+    own = pillow(Image.new("L", (1024, 1024), 128), "JPEG", progressive=True).count(b"\xff\xda")
+    decoded = decode_image(jpeg_with_empty_scans(image_headers.MAX_JPEG_SCANS - own))
+    assert decoded.shape == (1024, 1024, 3) and abs(int(decoded.mean()) - 128) <= 1
+    with pytest.raises(ValueError, match=f"JPEG has more than {image_headers.MAX_JPEG_SCANS} scans, over the limit"):
+        decode_image(jpeg_with_empty_scans(image_headers.MAX_JPEG_SCANS - own + 1))
+    # 10000 such scans in 124 kB kept libjpeg busy for 7 s (10 MB would hold 800000); refused undecoded.
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="scans, over the limit"):
+        decode_image(jpeg_with_empty_scans(10_000))
+    assert time.perf_counter() - start < 1.0
+
+
+def small_png() -> bytes:
+    return pillow(Image.fromarray(RGB), "PNG")
+
+
+def small_webp_with_chunks(chunks: bytes) -> bytes:
+    return webp_canvas(20, 12, chunks + pillow(Image.fromarray(RGB), "WEBP", lossless=True)[12:])
+
+
+def empty_chunk(kind: bytes) -> bytes:
+    return struct.pack(">I", 0) + kind + struct.pack(">I", zlib.crc32(kind))
+
+
+# 10 MB of chunks or markers that hold nothing around a 20x12 image (file, message or None when it
+# decodes): walking them one by one in Python, here or in Pillow's header readers, took 0.3-2.5 s.
+STRUCTURE_BOMBS = {
+    "PNG: 830000 empty chunks before the image data": (
+        lambda: small_png()[:33] + empty_chunk(b"abCd") * 830_000 + small_png()[33:],
+        "PNG has more than 1000 chunks before its image data, over the limit"),
+    "PNG: 830000 empty chunks after it": (
+        lambda: small_png()[:-12] + empty_chunk(b"abCd") * 830_000 + small_png()[-12:],
+        "PNG has more than 100000 chunks, over the limit"),
+    "JPEG: 2500000 empty comments": (
+        lambda: b"\xff\xd8" + b"\xff\xfe\x00\x02" * 2_500_000 + pillow(Image.fromarray(SMOOTH), "JPEG")[2:],
+        "JPEG has more than 2000 markers before its image data, over the limit"),
+    "JPEG: 10 MB of fill bytes before a marker": (
+        lambda: b"\xff\xd8" + b"\xff" * 10_000_000 + pillow(Image.fromarray(SMOOTH), "JPEG")[2:], None),
+    "WebP: 1250000 empty chunks": (
+        lambda: small_webp_with_chunks((b"abcd" + bytes(4)) * 1_250_000),
+        "WebP has more than 100000 chunks, over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", STRUCTURE_BOMBS)
+def test_structure_bombs_cost_little(case):
+    make, message = STRUCTURE_BOMBS[case]
+    data = make()
+    start = time.perf_counter()
+    if message is None:
+        assert decode_image(data).shape == (12, 20, 3)
+    else:
+        with pytest.raises(ValueError, match=message):
+            decode_image(data)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_jpeg_with_data_after_its_end_is_decoded():
+    # Motion photos append a video; random data holds a scan marker (0xFF 0xDA) every 64 kB on
+    # average, which the image must not be refused for.
+    data = pillow(Image.fromarray(SMOOTH), "JPEG", quality=95)
+    np.testing.assert_array_equal(decode_image(data + bytes(100) + b"\xff\xda\x00\x08" + bytes(100)), decode_image(data))
+
+
+def test_jpeg_other_than_8_bits_is_refused_from_its_header(no_decoding):
+    data = bytearray(pillow(Image.fromarray(SMOOTH), "JPEG"))
+    data[data.index(b"\xff\xc0") + 4] = 12  # the frame's sample precision
+    with pytest.raises(ValueError, match="JPEG with 12-bit samples is not accepted"):
+        decode_image(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["BMP RGB", "PNG RGB 16-bit"])  # the formats OpenCV decodes
+def test_decoded_size_must_match_the_header(monkeypatch, case):
+    monkeypatch.setattr(decode.cv2, "imdecode", lambda *args: np.zeros((5, 7, 3), np.uint8))
     with pytest.raises(ValueError, match="the header says 20x12 but the data decodes to 7x5"):
-        decode_image(pillow(Image.fromarray(RGB), "PNG"))
+        decode_image(LAYOUTS[case][0]())
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

@@ -1,7 +1,7 @@
 """Bad input through the real server: each answered with HTTP 400 / gRPC INVALID_ARGUMENT naming
 the problem, and the server still ready and answering a good request correctly afterwards.
 
-`segment` refusals come from serving/processing.decode_image (preprocess model); `medoe`'s
+`segment` refusals come from serving/decode.decode_image (preprocess model); `medoe`'s
 wrong names, dtypes and shapes are refused by Triton itself from the model config.
 """
 
@@ -61,7 +61,7 @@ SEGMENT_CASES = {
     "TIFF bomb": (tiff_bomb, "TIFF images are not accepted: send JPEG, PNG, BMP or WebP"),
 }
 
-# Refused until one rule per pixel layout (serving/processing.py's docstring): each now segmented
+# Refused until one rule per pixel layout (serving/decode.py's docstring): each now segmented
 # exactly as the RGB image the rule gives. (file bytes, that RGB image)
 LAYOUT_CASES = {
     "grayscale PNG": (lambda: encoded(".png", GOOD[..., 0]), lambda: np.dstack([GOOD[..., 0]] * 3)),

@@ -1,4 +1,4 @@
-"""serving/processing.py: decoding refuses what it cannot serve with one clear line; colours and shares are exact."""
+"""serving/decode.py and serving/processing.py: decoding refuses what it cannot serve with one clear line; colours and shares are exact."""
 
 import io
 import struct
@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.processing import (
-    class_share,
-    colorize,
-    decode_image,
-    image_header,
-    overlay,
-    resize_labels_nearest,
-)
+from serving.decode import decode_image
+from serving.image_headers import image_header
+from serving.processing import class_share, colorize, overlay, resize_labels_nearest
 
 PALETTE = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
 

@@ -8,12 +8,8 @@ import json
 
 import numpy as np
 
-from serving.processing import (
-    DEFAULT_MAX_PIXELS,
-    decode_image,
-    parse_working_size,
-    resize_to_working_size,
-)
+from serving.decode import DEFAULT_MAX_PIXELS, decode_image
+from serving.processing import parse_working_size, resize_to_working_size
 
 
 class TritonPythonModel:
