@@ -20,7 +20,7 @@ RUN python3 -m pip install --no-cache-dir \
 
 # model.py files import `serving.processing`; a .pth file (not PYTHONPATH) puts it on the
 # path because the python backend stub may run its interpreter isolated.
-COPY serving/__init__.py serving/processing.py /opt/medoe/serving/
+COPY serving/__init__.py serving/decode.py serving/image_headers.py serving/model_limits.py serving/processing.py /opt/medoe/serving/
 RUN echo /opt/medoe > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/medoe.pth"
 
 # The proxy's config is generated: python -m serving.proxy --write

@@ -5,7 +5,10 @@
         --platform tensorrt_plan --max-batch-size 4 --warmup 1x512x1024
 
 Names, dtypes and dims come from the graph and the class metadata from its metadata props,
-so no config is ever written by hand and none can drift from the model it serves.
+so no config is ever written by hand and none can drift from the model it serves. An
+onnxruntime_onnx config also gets the pixel counts serving/onnx_model.py reads: `max_pixels` per
+image and `max_batch_pixels` per onnxruntime call (serving/model_limits.py), and
+`arena_max_pixels`, the largest call run with onnxruntime's CPU arena (serving/ort_memory.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ if __package__ in (None, ""):  # run as `python export/triton_config.py`
 
 from export import CliParser
 from medoe.config import atomic_write_text
+from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
+from serving.ort_memory import ARENA_MAX_PIXELS
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU")
@@ -149,6 +154,14 @@ def write_triton_config(
     model_dir = Path(model_dir)
     inputs, outputs = onnx_io(onnx_model)
     parameters = {p.key: p.value for p in onnx_model.metadata_props}
+    max_pixels = options.pop("max_pixels", DEFAULT_MAX_PIXELS)
+    max_batch_pixels = options.pop("max_batch_pixels", DEFAULT_MAX_BATCH_PIXELS)
+    arena_max_pixels = options.pop("arena_max_pixels", ARENA_MAX_PIXELS)
+    if platform == "onnxruntime_onnx":  # served by serving/onnx_model.py, which reads them; TensorRT has no use for them
+        if not 0 < max_pixels <= max_batch_pixels or arena_max_pixels < 1:
+            raise ValueError(f"max_pixels {max_pixels} must be positive and at most max_batch_pixels {max_batch_pixels}, "
+                             f"arena_max_pixels {arena_max_pixels} positive")
+        parameters.update(max_pixels=str(max_pixels), max_batch_pixels=str(max_batch_pixels), arena_max_pixels=str(arena_max_pixels))
     if "instance_kind" not in options:
         options["instance_kind"] = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
     text = render_config(model_dir.name, platform, inputs, outputs, parameters, source=source, **options)
@@ -179,6 +192,12 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=1, help="model instances per device")
     parser.add_argument("--instance-kind", choices=INSTANCE_KINDS, help="default: KIND_GPU for plans, KIND_AUTO otherwise")
     parser.add_argument("--warmup", help="NxHxW zero images Triton runs at load, e.g. 1x512x1024")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="onnxruntime_onnx: H*W limit per image (docs/benchmark_memory.md has the memory per pixel)")
+    parser.add_argument("--max-batch-pixels", type=int, default=DEFAULT_MAX_BATCH_PIXELS,
+                        help="onnxruntime_onnx: N*H*W limit per onnxruntime call; at least --max-pixels")
+    parser.add_argument("--arena-max-pixels", type=int, default=ARENA_MAX_PIXELS,
+                        help="onnxruntime_onnx: calls up to this N*H*W use onnxruntime's CPU arena (faster; it keeps their memory)")
     return parser.parse_args(argv)
 
 
@@ -191,7 +210,9 @@ def main(argv=None) -> int:
         if not Path(args.onnx).is_file():
             raise ValueError(f"ONNX file not found: {args.onnx}")
         options = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
-                   "instance_count": args.instances, "warmup": parse_warmup(args.warmup) if args.warmup else None}
+                   "instance_count": args.instances, "warmup": parse_warmup(args.warmup) if args.warmup else None,
+                   "max_pixels": args.max_pixels, "max_batch_pixels": args.max_batch_pixels,
+                   "arena_max_pixels": args.arena_max_pixels}
         if args.instance_kind:
             options["instance_kind"] = args.instance_kind
         target = write_triton_config(args.onnx, model_dir, args.platform, **options)

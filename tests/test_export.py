@@ -19,6 +19,8 @@ from medoe.checkpoint import load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
 from medoe.config import MEDOEConfig
 from medoe.model import build_model
+from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
+from serving.ort_memory import ARENA_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["road", "car", "person", "sign", "bike"]
@@ -58,7 +60,11 @@ def assert_config_matches_graph(config, model: onnx.ModelProto, platform: str) -
             tensor = value.type.tensor_type
             assert model_config_pb2.DataType.Name(entry.data_type) == names[tensor.elem_type]
             assert list(entry.dims) == [d.dim_value or -1 for d in tensor.shape.dim][1:]
-    assert {p.key: p.value for p in model.metadata_props} == {k: v.string_value for k, v in config.parameters.items()}
+    expected = {p.key: p.value for p in model.metadata_props}
+    if platform == "onnxruntime_onnx":  # the pixel limits serving/onnx_model.py enforces
+        expected |= {"max_pixels": str(DEFAULT_MAX_PIXELS), "max_batch_pixels": str(DEFAULT_MAX_BATCH_PIXELS),
+                     "arena_max_pixels": str(ARENA_MAX_PIXELS)}
+    assert expected == {k: v.string_value for k, v in config.parameters.items()}
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
