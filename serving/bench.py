@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     triton_stats: dict[str, dict[int, dict]] = {}
     try:
         if any(run.startswith(("medoe_", "segment_")) for run in args.runs):
-            from serving.server import free_ports, start_server
+            from serving.processes import free_ports
+            from serving.server import start_server
 
             server = start_server(args.repository, *free_ports(3), timeout=300)
         for concurrency in args.concurrency:

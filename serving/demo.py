@@ -170,7 +170,8 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    from serving.server import ServerError, free_ports, start_server
+    from serving.processes import free_ports
+    from serving.server import ServerError, start_server
 
     server = None
     stop = threading.Event()

@@ -35,7 +35,7 @@ from export import CliParser
 from medoe import report as reporting
 from serving.memory_probe import SETTINGS
 from serving.ort_memory import ARENA_MAX_PIXELS, TRIM_DELAY_S
-from serving.server import descendants
+from serving.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "shipped"
@@ -186,7 +186,8 @@ def config_limits(repository: Path) -> tuple[int, int]:
 def server_part(repository: Path) -> dict:
     import tritonclient.http as httpclient
 
-    from serving.server import free_ports, start_server
+    from serving.processes import free_ports
+    from serving.server import start_server
 
     max_pixels, max_batch_pixels = config_limits(repository)
     side = math.isqrt(max_pixels)

@@ -57,12 +57,18 @@ class MemorySession:
     """The graph's two CPU sessions, chosen per call by its pixels; `run` as InferenceSession's."""
 
     def __init__(self, path: str, arena_max_pixels: int = ARENA_MAX_PIXELS):
-        providers = ["CPUExecutionProvider"]
-        self.arena = ort.InferenceSession(path, session_options(arena=True), providers=providers)
-        # A second copy of the weights (2 MiB for the shipped model), for no arena's sake.
-        self.no_arena = ort.InferenceSession(path, session_options(arena=False), providers=providers)
+        self.path = path
+        self.arena = ort.InferenceSession(path, session_options(arena=True), providers=["CPUExecutionProvider"])
+        # A second copy of the weights and its own thread pool, made on the first large call only.
+        self._no_arena: ort.InferenceSession | None = None
         self.arena_max_pixels = arena_max_pixels
         self.trim = malloc_trim()
+
+    @property
+    def no_arena(self) -> ort.InferenceSession:
+        if self._no_arena is None:
+            self._no_arena = ort.InferenceSession(self.path, session_options(arena=False), providers=["CPUExecutionProvider"])
+        return self._no_arena
 
     def get_inputs(self):
         return self.arena.get_inputs()

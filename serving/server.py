@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.processes import alive_child, child_processes, die_with_parent, exit_reason
 from serving.proxy import DEFAULT_MAX_REQUEST_BYTES, ProxyError, caddy_binary, caddy_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,10 +192,10 @@ class ServerHandle:
         while not self.ready():
             if self.proxy is not None and self.proxy.poll() is not None:
                 self._find_stubs()
-                raise ServerError(f"the HTTP proxy (caddy) {_exit_reason(self.proxy.returncode)}: {self.proxy_error()}")
+                raise ServerError(f"the HTTP proxy (caddy) {exit_reason(self.proxy.returncode)}: {self.proxy_error()}")
             if self.process.poll() is not None or time.monotonic() > deadline or abort():
                 if self.process.poll() is not None:
-                    reason = _exit_reason(self.process.returncode)
+                    reason = exit_reason(self.process.returncode)
                     if self.process.returncode > 0:  # a killed server's log tells nothing about why
                         reason += f": {_first_error(self.log_tail(400))}"
                 else:
@@ -207,7 +206,7 @@ class ServerHandle:
         self._find_stubs()  # every model is loaded once ready (--model-control-mode=none): every stub exists now
 
     def _find_stubs(self) -> None:
-        self.stubs = {pid: (argv[8], argv[2]) for pid, argv in _child_processes(self.process.pid).items()
+        self.stubs = {pid: (argv[8], argv[2]) for pid, argv in child_processes(self.process.pid).items()
                       if len(argv) > 8 and argv[0].endswith("triton_python_backend_stub")}
 
     def proxy_error(self) -> str:
@@ -233,7 +232,7 @@ class ServerHandle:
 
     def dead_stubs(self) -> list[str]:
         """Model instances (e.g. `medoe_0_0`) whose python-backend stub has died since the server got ready."""
-        return [name for pid, (name, _) in self.stubs.items() if not _alive_child(pid, self.process.pid)]
+        return [name for pid, (name, _) in self.stubs.items() if not alive_child(pid, self.process.pid)]
 
     def restart(self, timeout: float = 120.0, abort=lambda: False) -> None:
         """Kills tritonserver and its stubs and starts it again with the same command: same ports and repository.
@@ -353,23 +352,6 @@ def start_server(repository: str | Path, http_port: int = 8000, grpc_port: int =
     return handle
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int):
-    """preexec_fn: the kernel SIGKILLs the child when the thread that started it ends, so a
-    SIGKILLed serving.server or demo leaves no tritonserver or proxy behind (the stubs, which
-    tritonserver forks, exit at their next check that their parent lives)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def arm() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return arm
-
-
 def _proxy_environment(workdir: Path) -> dict[str, str]:
     # Caddy keeps certificates and autosaved configs under HOME/XDG dirs: keep it in the workdir.
     return dict(os.environ, HOME=str(workdir), XDG_DATA_HOME=str(workdir / "xdg"), XDG_CONFIG_HOME=str(workdir / "xdg"))
@@ -380,64 +362,7 @@ def _spawn(command: list[str], log_path: Path, workdir: Path, env: dict[str, str
     # thread that lives as long as they should (the main thread everywhere in this project).
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, env=env or server_environment(), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=workdir, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
-
-
-def _exit_reason(code: int) -> str:
-    return f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exited with {code}"
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports (all held at once while chosen, so never the same twice)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process, from /proc; processes that exit meanwhile are skipped."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return parents
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (tritonserver, its python-backend stubs), breadth first."""
-    parents = _parents()
-    tree = [pid]
-    for parent in tree:  # grows while it is walked
-        tree += [p for p, pp in parents.items() if pp == parent]
-    return tree[1:]
-
-
-def _child_processes(parent: int) -> dict[int, list[str]]:
-    """argv of every direct child of `parent`, from /proc (the stubs may be forked by any of its threads)."""
-    return {pid: _argv(pid) for pid, pp in _parents().items() if pp == parent}
-
-
-def _alive_child(pid: int, parent: int) -> bool:
-    # A killed stub stays a zombie: tritonserver never reaps it. The parent check guards against pid reuse.
-    try:
-        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
-    except (OSError, ValueError):
-        return False
-    return state != "Z" and int(ppid) == parent
+                                cwd=workdir, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
 
 
 def _first_error(log: str) -> str:
@@ -494,11 +419,11 @@ def main(argv=None) -> int:
     failure = None
     while not stopping:
         if failure is None and handle.process.poll() is not None:
-            failure = f"tritonserver {_exit_reason(handle.process.returncode)}"
+            failure = f"tritonserver {exit_reason(handle.process.returncode)}"
             if handle.process.returncode > 0:
                 failure += f": {handle.log_tail(1)}"
         elif failure is None and handle.proxy_exited():
-            failure = f"the HTTP proxy (caddy) {_exit_reason(handle.proxy.returncode)}: {handle.proxy_error()}"
+            failure = f"the HTTP proxy (caddy) {exit_reason(handle.proxy.returncode)}: {handle.proxy_error()}"
         elif failure is None and (dead := handle.dead_stubs()):
             failure = f"python-backend stub of {', '.join(dead)} died; Triton 2.51 does not restart it"
         elif failure is None:

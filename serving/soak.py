@@ -27,7 +27,7 @@ import numpy as np
 from export import CliParser
 from medoe import report as reporting
 from serving.client import SEGMENT_OUTPUTS
-from serving.server import descendants
+from serving.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "serving" / "examples"
@@ -229,7 +229,8 @@ def main(argv=None) -> int:
                 print(f"error: no ready Triton server at {url} ({args.protocol}) with pid {pid}", file=sys.stderr)
                 return 2
         else:
-            from serving.server import ServerError, free_ports, start_server
+            from serving.processes import free_ports
+            from serving.server import ServerError, start_server
 
             try:
                 handle = start_server(args.model_repository, *free_ports(3), timeout=300)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from serving.demo import EXAMPLES
-from serving.server import descendants, free_ports
+from serving.processes import descendants, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = Path(os.environ.get("MEDOE_TEST_OUTPUT", ROOT / "work" / "test-output"))

@@ -156,13 +156,14 @@ def serve_sh(tmp_path):
     """deploy/serve.sh over the bundled tritonserver (what the image runs), on loopback ports."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton ships the tritonserver binary")
     from serving import server
+    from serving.processes import free_ports
     from serving.proxy import caddy_config
 
     backends = server.assemble_backends(tmp_path / "backends")
     (tmp_path / "models").mkdir()
     server.assemble_repository(ROOT / "model_repository", tmp_path / "models")
     sockets = tmp_path / "sockets"
-    http, grpc, metrics = server.free_ports(3)
+    http, grpc, metrics = free_ports(3)
     config = caddy_config(f"127.0.0.1:{http}", f"127.0.0.1:{metrics}", f"{sockets}/http.sock", f"{sockets}/metrics.sock")
     (tmp_path / "caddy.json").write_text(json.dumps(config))
     env = dict(server.server_environment(), SERVE_SOCKETS=str(sockets), SERVE_PROXY_CONFIG=str(tmp_path / "caddy.json"),

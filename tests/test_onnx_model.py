@@ -72,7 +72,7 @@ def model(monkeypatch):
             self.log.append(feeds["images"].shape)
             return self.inner.run(outputs, feeds)
 
-    session.no_arena = Recording(session.no_arena, arena_less)
+    session._no_arena = Recording(session.no_arena, arena_less)  # made on first use: made here
     instance.session = Recording(session, calls)
     instance.calls, instance.arena_less = calls, arena_less
     yield instance

@@ -15,18 +15,11 @@ import pytest
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton ships the tritonserver binary")
 
-from serving.server import descendants, free_ports  # noqa: E402
+from serving.processes import descendants, free_ports  # noqa: E402
+from tests.test_demo import _alive as alive  # noqa: E402
 from tests.test_serving_server import repository  # noqa: E402, F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def start(args: list[str], log: Path, ready_line: str) -> tuple[subprocess.Popen, list[int]]:

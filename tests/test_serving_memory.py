@@ -22,7 +22,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS, read_limits  # noqa: E402
 from serving.ort_memory import ARENA_MAX_PIXELS  # noqa: E402
-from serving.server import _config_text, free_ports, start_server  # noqa: E402
+from serving.processes import free_ports  # noqa: E402
+from serving.server import _config_text, start_server  # noqa: E402
 from tests.test_serving_bad_input import assert_invalid_argument, assert_still_serving, protocol  # noqa: E402, F401
 from tests.test_serving_server import repository, segment_request, server  # noqa: E402, F401
 

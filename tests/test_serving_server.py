@@ -19,7 +19,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from export import to_onnx  # noqa: E402
 from export.graph import random_images  # noqa: E402
-from serving.server import ServerError, free_ports, start_server  # noqa: E402, F401 (free_ports: shared with other tests)
+from serving.processes import free_ports  # noqa: E402, F401 (shared with other tests)
+from serving.server import ServerError, start_server  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
