@@ -52,9 +52,7 @@ from serving.image_headers import (
     png_rows_size,
     read_header,
 )
-from serving.model_limits import (
-    DEFAULT_MAX_PIXELS,  # one home for the limits, chosen from measured memory
-)
+from serving.model_limits import DEFAULT_MAX_PIXELS  # the one home of the limits
 
 MAX_SIDE = 16384  # OpenCV's own decoders refuse wider images; say so before they do
 # EXIF orientation -> the steps that turn the stored pixels upright (as PIL.ImageOps.exif_transpose).

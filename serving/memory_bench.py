@@ -35,7 +35,7 @@ from export import CliParser
 from medoe import report as reporting
 from serving.memory_probe import SETTINGS
 from serving.ort_memory import ARENA_MAX_PIXELS, TRIM_DELAY_S
-from serving.processes import descendants
+from serving.processes import cmdline, descendants, stub_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "shipped"
@@ -103,11 +103,10 @@ def tree_memory(pid: int) -> dict[str, dict[str, float]]:
     for p in [pid, *descendants(pid)]:
         try:
             lines = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]
-            argv = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
         values = {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in lines)}
-        name = "tritonserver" if p == pid else argv[8] if len(argv) > 8 and "python_backend_stub" in argv[0] else f"pid {p}"
+        name = "tritonserver" if p == pid else stub_instance(cmdline(p)) or f"pid {p}"
         tree[name] = {k: round(values.get(k, 0.0), 1) for k in ("Pss", "Pss_Anon", "Pss_Shmem")}
     return tree
 

@@ -56,11 +56,17 @@ def parent_pids() -> dict[int, int]:
     return parents
 
 
-def argv(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
+
+
+def stub_instance(args: list[str]) -> str | None:
+    """The model instance (e.g. `medoe_0_0`) a python-backend stub serves, from its argv; None
+    for any other process."""
+    return args[8] if len(args) > 8 and args[0].endswith("triton_python_backend_stub") else None
 
 
 def descendants(pid: int) -> list[int]:
@@ -74,7 +80,7 @@ def descendants(pid: int) -> list[int]:
 
 def child_processes(parent: int) -> dict[int, list[str]]:
     """argv of every direct child of `parent`, from /proc (the stubs may be forked by any of its threads)."""
-    return {pid: argv(pid) for pid, pp in parent_pids().items() if pp == parent}
+    return {pid: cmdline(pid) for pid, pp in parent_pids().items() if pp == parent}
 
 
 def alive_child(pid: int, parent: int) -> bool:

@@ -36,7 +36,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.processes import alive_child, child_processes, die_with_parent, exit_reason
+from serving.processes import (
+    alive_child,
+    child_processes,
+    die_with_parent,
+    exit_reason,
+    stub_instance,
+)
 from serving.proxy import DEFAULT_MAX_REQUEST_BYTES, ProxyError, caddy_binary, caddy_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,9 +196,9 @@ class ServerHandle:
         """Waits for readiness, then records the stubs; raises ServerError (the caller stops the server)."""
         deadline = time.monotonic() + timeout
         while not self.ready():
-            if self.proxy is not None and self.proxy.poll() is not None:
+            if self.proxy_exited():
                 self._find_stubs()
-                raise ServerError(f"the HTTP proxy (caddy) {exit_reason(self.proxy.returncode)}: {self.proxy_error()}")
+                raise ServerError(self.proxy_failure())
             if self.process.poll() is not None or time.monotonic() > deadline or abort():
                 if self.process.poll() is not None:
                     reason = exit_reason(self.process.returncode)
@@ -206,23 +212,25 @@ class ServerHandle:
         self._find_stubs()  # every model is loaded once ready (--model-control-mode=none): every stub exists now
 
     def _find_stubs(self) -> None:
-        self.stubs = {pid: (argv[8], argv[2]) for pid, argv in child_processes(self.process.pid).items()
-                      if len(argv) > 8 and argv[0].endswith("triton_python_backend_stub")}
+        self.stubs = {pid: (name, argv[2]) for pid, argv in child_processes(self.process.pid).items()
+                      if (name := stub_instance(argv))}
 
-    def proxy_error(self) -> str:
-        """The reason in Caddy's log (JSON lines: {"level": "error", "msg": ..., "error": ...})."""
+    def proxy_failure(self) -> str:
+        """How the proxy ended, with the reason in Caddy's log (JSON lines: {"level": "error", "msg": ..., "error": ...})."""
         try:
             lines = (self.workdir / "caddy.log").read_text(errors="replace").splitlines()
         except OSError:
-            return "no log"
+            lines = []
+        reason = lines[-1] if lines else "no log"
         for line in reversed(lines):
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue
             if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
-                return str(entry.get("error") or entry.get("msg"))
-        return lines[-1] if lines else "no log"
+                reason = str(entry.get("error") or entry.get("msg"))
+                break
+        return f"the HTTP proxy (caddy) {exit_reason(self.proxy.returncode)}: {reason}"
 
     def proxy_exited(self) -> bool:
         return self.proxy is not None and self.proxy.poll() is not None
@@ -423,7 +431,7 @@ def main(argv=None) -> int:
             if handle.process.returncode > 0:
                 failure += f": {handle.log_tail(1)}"
         elif failure is None and handle.proxy_exited():
-            failure = f"the HTTP proxy (caddy) {exit_reason(handle.proxy.returncode)}: {handle.proxy_error()}"
+            failure = handle.proxy_failure()
         elif failure is None and (dead := handle.dead_stubs()):
             failure = f"python-backend stub of {', '.join(dead)} died; Triton 2.51 does not restart it"
         elif failure is None:

@@ -27,7 +27,7 @@ import numpy as np
 from export import CliParser
 from medoe import report as reporting
 from serving.client import SEGMENT_OUTPUTS
-from serving.processes import descendants
+from serving.processes import cmdline, descendants, stub_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "serving" / "examples"
@@ -95,10 +95,10 @@ def tree_rss(pid: int) -> dict[str, int]:
     for p in [pid, *descendants(pid)]:
         try:
             pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
-            argv = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except (OSError, IndexError, ValueError):
             continue
-        name = "tritonserver" if p == pid else f"stub {argv[8]}" if len(argv) > 8 and "python_backend_stub" in argv[0] else f"pid {p}"
+        instance = stub_instance(cmdline(p))
+        name = "tritonserver" if p == pid else f"stub {instance}" if instance else f"pid {p}"
         rss[name] = rss.get(name, 0) + pages * os.sysconf("SC_PAGE_SIZE")
     return rss
 

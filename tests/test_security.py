@@ -38,7 +38,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from export.graph import random_images  # noqa: E402
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from serving import server as serving_server  # noqa: E402
-from serving.processes import argv, descendants  # noqa: E402
+from serving.processes import cmdline, descendants  # noqa: E402
 from tests.test_checkpoint import make  # noqa: E402
 from tests.test_serving_server import free_ports, png, repository, segment_request  # noqa: E402, F401
 from tests.test_training import config_path  # noqa: E402, F401  (a fixture)
@@ -281,7 +281,7 @@ def raw_post(port: int, path: str, body: bytes, content_type: str) -> int | None
 
 
 def tritonserver_pid(cli: subprocess.Popen) -> int:
-    return next(p for p in descendants(cli.pid) if argv(p)[0].endswith("/tritonserver"))
+    return next(p for p in descendants(cli.pid) if cmdline(p)[0].endswith("/tritonserver"))
 
 
 def tcp_listen_ports(pid: int) -> set[int]:

@@ -27,7 +27,7 @@ pytest.importorskip("tritonclient.grpc")
 
 from export.graph import random_images  # noqa: E402
 from serving import client  # noqa: E402
-from serving.processes import argv as _argv  # noqa: E402
+from serving.processes import cmdline as _argv  # noqa: E402
 from serving.processes import descendants  # noqa: E402
 from serving.server import start_server  # noqa: E402
 from tests.test_demo import _alive  # noqa: E402

@@ -8,14 +8,18 @@ import json
 
 import numpy as np
 
-from serving.decode import DEFAULT_MAX_PIXELS, decode_image
+from serving.decode import decode_image
+from serving.model_limits import DEFAULT_MAX_PIXELS, pixel_parameter
 from serving.processing import parse_working_size, resize_to_working_size
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"]).get("parameters", {})
-        self.max_pixels = int(parameters.get("max_pixels", {}).get("string_value", DEFAULT_MAX_PIXELS))
+        try:
+            self.max_pixels = pixel_parameter(parameters, "max_pixels", DEFAULT_MAX_PIXELS)
+        except ValueError as err:
+            raise pb_utils.TritonModelException(f"preprocess: {err}") from None
         self.working_size = parse_working_size(parameters.get("working_size", {}).get("string_value", ""))
 
     def execute(self, requests):
