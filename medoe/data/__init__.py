@@ -13,6 +13,7 @@ from medoe.data.common import IGNORE_INDEX, DatasetError, SegmentationDataset
 
 if TYPE_CHECKING:
     from medoe.data.ade20k import ADE20KDataset
+    from medoe.data.aerial import SyntheticAerial
     from medoe.data.cityscapes import CityscapesDataset
     from medoe.data.folder import FolderDataset
     from medoe.data.synthetic import SyntheticStreets
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "SyntheticStreets": "medoe.data.synthetic",
+    "SyntheticAerial": "medoe.data.aerial",
     "CityscapesDataset": "medoe.data.cityscapes",
     "ADE20KDataset": "medoe.data.ade20k",
     "FolderDataset": "medoe.data.folder",
@@ -27,6 +29,7 @@ _LAZY = {
 }
 DATASETS = {
     "synthetic": "SyntheticStreets",
+    "aerial": "SyntheticAerial",
     "cityscapes": "CityscapesDataset",
     "ade20k": "ADE20KDataset",
     "folder": "FolderDataset",
@@ -43,7 +46,7 @@ def build_dataset(name: str, root=None, split: str = "train", transform=None, **
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     cls = __getattr__(DATASETS[name])
-    if name == "synthetic":
+    if name in ("synthetic", "aerial"):
         # Generated on the fly: root is meaningless and ignored.
         return cls(split=split, transform=transform, **kwargs)
     if root is None:
@@ -59,6 +62,7 @@ __all__ = [
     "FolderDataset",
     "IGNORE_INDEX",
     "SegmentationDataset",
+    "SyntheticAerial",
     "SyntheticStreets",
     "build_dataset",
     "train_transform",
