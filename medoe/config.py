@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
+MIXINGS = ("paper", "nested")
 BACKBONES = ("tiny", "resnet18c", "resnet50c", "resnet101c")
 CONTEXTS = ("aspp", "ppm", "ocr", "light")
 OPTIMIZERS = ("sgd", "adamw")
-DATASETS = ("synthetic", "cityscapes", "ade20k", "folder")  # medoe.data.DATASETS, without importing the loaders
+DATASETS = ("synthetic", "aerial", "cityscapes", "ade20k", "folder")  # medoe.data.DATASETS, without importing the loaders
+GENERATED = ("synthetic", "aerial")  # drawn on the fly from (seed, split, index): same-size images, no root
 
 
 @dataclass
@@ -37,7 +39,9 @@ class MEDOEConfig:
     decoder_channels: int = 256  # width of every context module
     num_experts: int = 3  # K >= 2; expert k is trained on the classes of groups k..K
     stop_gradient: bool = True  # experts 2..K see detached features: only expert 1 trains the backbone
-    decision_hidden: int = 64  # hidden width of the stage-2 decision maker (1x1 conv -> ReLU -> 1x1 conv)
+    decision_hidden: int = 64  # hidden width of the stage-2 decision maker (conv -> ReLU -> 1x1 conv)
+    decision_kernel: int = 1  # its first conv's size: 1 = one pixel's K*C probabilities (paper), 3 = a 3x3 neighbourhood
+    mixing: str = "paper"  # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
     dropout: float = 0.1  # dropout before each 1x1 classifier
     pretrained: str = ""  # local ImageNet state dict (torchvision/timm/mmseg layout); "" = random init
     # --- classes -------------------------------------------------------------------------
@@ -50,14 +54,16 @@ class MEDOEConfig:
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])  # RGB std on 0..255 input
     # --- losses --------------------------------------------------------------------------
     alpha: float = 0.2  # weight of the auxiliary (L2 + KL) term in every expert's stage-1 loss
+    expert_balance: float = 0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
+    stage2_holdout: float = 0.0  # share of training images stage 1 never sees; stage 2 learns on them only (0 = paper)
     select_balance: bool = False  # stage 2: inverse-frequency weights on the K selection targets
     select_balance_power: float = 1.0  # those weights are share_k ** -power (1 = inverse frequency, 0.5 = inverse sqrt)
     focal_gamma: float = 2.0  # focal baseline's gamma
     # --- data ----------------------------------------------------------------------------
-    dataset: str = "synthetic"  # synthetic | cityscapes | ade20k | folder
+    dataset: str = "synthetic"  # synthetic (street scenes) | aerial (synthetic top-down suburbs) | cityscapes | ade20k | folder
     data_root: str = ""  # dataset root (unused for synthetic)
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # training crop, H W
-    synthetic_size: list[int] = field(default_factory=lambda: [256, 512])  # synthetic image size, H W
+    synthetic_size: list[int] = field(default_factory=lambda: [256, 512])  # generated (synthetic, aerial) image size, H W
     synthetic_train_images: int = 2000  # synthetic images per epoch (generated on the fly)
     synthetic_val_images: int = 100  # held-out synthetic images
     # --- training ------------------------------------------------------------------------
@@ -156,6 +162,8 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "decoder_channels": ((lambda v: v >= 1), "an integer >= 1"),
     "num_experts": ((lambda v: v >= 2), "an integer >= 2 (MEDOE needs K >= 2)"),
     "decision_hidden": ((lambda v: v >= 1), "an integer >= 1"),
+    "decision_kernel": ((lambda v: v in (1, 3)), "1 or 3"),
+    "mixing": ((lambda v: v in MIXINGS), f"one of {MIXINGS}"),
     "dropout": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     # Labels are uint8 maps with 255 = ignore, so at most 255 classes.
     "num_classes": ((lambda v: 2 <= v <= 255), "an integer in 2..255"),
@@ -167,6 +175,8 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "mean": _size(3, -math.inf, "a list of 3 finite numbers (RGB)"),
     "std": ((lambda v: len(v) == 3 and all(x > 0 for x in v)), "a list of 3 finite numbers > 0 (RGB)"),
     "alpha": ((lambda v: 0 <= v <= 1), "a number in [0, 1]"),
+    "expert_balance": ((lambda v: 0 <= v <= 2), "a number in [0, 2]"),
+    "stage2_holdout": ((lambda v: 0 <= v <= 0.5), "a number in [0, 0.5]"),
     "select_balance_power": ((lambda v: v >= 0), "a finite number >= 0"),
     "focal_gamma": ((lambda v: v >= 0), "a finite number >= 0"),
     "crop_size": _size(2, 1, "a list of 2 integers >= 1"),

@@ -33,7 +33,8 @@ def _valid_mask(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Te
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
     if valid.any():
-        lo, hi = int(safe[valid].min()), int(safe[valid].max())
+        # Ignored pixels hold 0 in `safe`, so its extremes are the valid labels' (no boolean indexing: it is slow).
+        lo, hi = int(safe.min()), int(safe.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(
@@ -83,7 +84,7 @@ def l2_suppression(
     count = int(valid.sum())
     if count == 0 or not interfering.any():
         return _zero(logits)
-    squares = (logits[:, interfering] ** 2).sum(dim=1)
+    squares = (logits.index_select(1, interfering.nonzero().flatten()) ** 2).sum(dim=1)
     return (squares * valid).sum() / count
 
 
@@ -100,7 +101,7 @@ def kl_to_label_histogram(
     mean_probs = (probs * weight).sum(dim=(0, 2, 3)) / count
     p = mean_probs[in_set]
     p = p / p.sum()
-    hist = torch.bincount(safe[mask], minlength=logits.shape[1])[in_set].to(p.dtype)
+    hist = torch.bincount(safe.flatten(), mask.flatten().to(p.dtype), minlength=logits.shape[1])[in_set]
     q = (hist + eps) / (hist + eps).sum()
     # The clamp only guards log(0); those terms are multiplied by p = 0 anyway.
     return (p * (p.clamp_min(torch.finfo(p.dtype).tiny).log() - q.log())).sum()
@@ -113,9 +114,31 @@ class ExpertLoss(NamedTuple):
     kl: Tensor
 
 
+def expert_log_priors(pixel_counts: Sequence[int] | Tensor, expert_sets: Tensor, tau: float) -> Tensor:
+    """[K, C] logit adjustments: tau * log(prior of c within S_k), 0 for the most frequent class
+    of S_k and for classes outside S_k (Menon et al. 2021, logit adjustment; Ren et al. 2020,
+    balanced softmax, at tau = 1).
+
+    Training on `logits + adjustment` makes the raw logits, used unchanged at inference, fit a
+    class-balanced version of the expert's own label distribution: each expert is rebalanced
+    inside its set without touching the exported graph.
+    """
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64).clamp_min(1.0)  # an absent class: one pixel
+    log_counts = counts.log().to(expert_sets.device)
+    adjustments = torch.zeros(expert_sets.shape, dtype=torch.float64, device=expert_sets.device)
+    for k, in_set in enumerate(expert_sets):
+        if in_set.any():
+            top = log_counts[in_set].max()
+            adjustments[k, in_set] = tau * (log_counts[in_set] - top)
+    return adjustments.float()
+
+
 def expert_loss(
-    logits: Tensor, target: Tensor, in_set: Tensor, alpha: float = 0.2, ignore_index: int = 255
+    logits: Tensor, target: Tensor, in_set: Tensor, alpha: float = 0.2, ignore_index: int = 255,
+    adjustment: Tensor | None = None,
 ) -> ExpertLoss:
+    if adjustment is not None:  # CE and KL see the adjusted logits; L2 acts on classes outside S_k, where it is 0
+        logits = logits + adjustment.to(logits.dtype).view(1, -1, 1, 1)
     ce = masked_ce(logits, target, in_set, ignore_index)
     l2 = l2_suppression(logits, target, in_set, ignore_index)
     kl = kl_to_label_histogram(logits, target, in_set, ignore_index)
@@ -128,15 +151,21 @@ def stage1_loss(
     expert_sets: Tensor,
     alpha: float = 0.2,
     ignore_index: int = 255,
+    adjustments: Tensor | None = None,
 ) -> tuple[Tensor, list[ExpertLoss]]:
     if expert_sets.dim() != 2 or len(expert_logits) != expert_sets.shape[0]:
         raise ValueError(
             f"got {len(expert_logits)} expert logits but expert_sets has shape {tuple(expert_sets.shape)}; "
             "pass one logits tensor per row of expert_sets"
         )
+    if adjustments is not None and adjustments.shape != expert_sets.shape:
+        raise ValueError(
+            f"adjustments has shape {tuple(adjustments.shape)}, expected {tuple(expert_sets.shape)} (one row per expert)"
+        )
+    rows = [None] * len(expert_logits) if adjustments is None else list(adjustments)
     parts = [
-        expert_loss(z, target, s, alpha, ignore_index)
-        for z, s in zip(expert_logits, expert_sets, strict=True)
+        expert_loss(z, target, s, alpha, ignore_index, a)
+        for z, s, a in zip(expert_logits, expert_sets, rows, strict=True)
     ]
     total = torch.stack([p.total for p in parts]).sum()
     return total, parts

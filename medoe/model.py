@@ -38,12 +38,16 @@ class Expert(nn.Module):
 
 
 class DecisionMaker(nn.Module):
-    """Stage 2: `1x1 conv (K*C -> hidden) -> ReLU -> 1x1 conv (hidden -> K)` per pixel."""
+    """Stage 2: `kxk conv (K*C -> hidden) -> ReLU -> 1x1 conv (hidden -> K)`.
 
-    def __init__(self, num_experts: int, num_classes: int, hidden: int):
+    k = 1 is the paper's per-pixel decision; k = 3 also sees the neighbours' expert outputs,
+    so a pixel inside an object the tail expert is sure about can follow that object.
+    """
+
+    def __init__(self, num_experts: int, num_classes: int, hidden: int, kernel: int = 1):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(num_experts * num_classes, hidden, 1),
+            nn.Conv2d(num_experts * num_classes, hidden, kernel, padding=kernel // 2),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, num_experts, 1),
         )
@@ -111,12 +115,20 @@ class MEDOE(SegmentationModel):
             name = "light" if index > 0 and config.light_experts else config.context
             experts.append(Expert(build_context(name, in_channels, config.decoder_channels, c, config.output_stride), c, config.dropout))
         self.experts = nn.ModuleList(experts)
-        self.decision = DecisionMaker(k, c, config.decision_hidden)
+        self.decision = self.new_decision_maker(config)
         # label -> 0-based index of the expert that owns it (y_se - 1); 255 = not owned.
         # Saved in the weights so the oracle and stage 2 work from a checkpoint alone.
         self.register_buffer("expert_lut", torch.full((256,), config.ignore_index, dtype=torch.long))
         self.stage = 1
         self.set_stage(1)
+
+    @staticmethod
+    def new_decision_maker(config: MEDOEConfig) -> DecisionMaker:
+        decision = DecisionMaker(config.num_experts, config.num_classes, config.decision_hidden, config.decision_kernel)
+        if config.mixing == "nested":  # start from the chain-rule prior alone
+            nn.init.zeros_(decision.net[-1].weight)
+            nn.init.zeros_(decision.net[-1].bias)
+        return decision
 
     @property
     def num_experts(self) -> int:
@@ -151,19 +163,58 @@ class MEDOE(SegmentationModel):
     def expert_probs(self, images: Tensor) -> Tensor:
         return torch.stack([torch.softmax(z, dim=1) for z in self.expert_logits(images)], dim=1)
 
+    def group_masks(self) -> Tensor:
+        # G_k = the classes expert k owns (S_k minus S_{k+1}): [K, C] bool
+        owner = self.expert_lut[: self.config.num_classes]
+        return torch.stack([owner == k for k in range(self.num_experts)])
+
+    def group_prior_logits(self, expert_probs: Tensor) -> Tensor:
+        """log P(group k | x) by the chain rule over the nested sets S_1 > S_2 > ... > S_K.
+
+        Expert j is trained on the pixels of S_j, so p_j(S_{j+1}) / p_j(S_j) estimates
+        P(y in S_{j+1} | y in S_j): each "rarer or not" decision is made by the expert that
+        saw the most pixels of both sides. P(G_k) = prod_{j<k} r_j * (1 - r_k), r_K = 0.
+        """
+        k = self.num_experts
+        sets = self.expert_sets().to(expert_probs.dtype).view(1, k, -1, 1, 1)  # [1, K, C, 1, 1]
+        tiny = torch.finfo(expert_probs.dtype).tiny
+        mass = (expert_probs * sets).sum(dim=2)  # p_k(S_k)
+        rarer = (expert_probs[:, :-1] * sets[:, 1:]).sum(dim=2)  # p_k(S_{k+1}), k < K
+        log_r = (rarer / mass[:, :-1].clamp_min(tiny)).clamp(1e-6, 1 - 1e-6).log()
+        log_stay = torch.log1p(-log_r.exp())
+        # log P(G_k) = sum_{j<k} log r_j + log(1 - r_k)
+        before = torch.cat([torch.zeros_like(log_r[:, :1]), log_r.cumsum(dim=1)], dim=1)
+        stay = torch.cat([log_stay, torch.zeros_like(log_stay[:, :1])], dim=1)
+        return before + stay
+
+    def expert_distributions(self, expert_probs: Tensor) -> Tensor:
+        """What each expert contributes to the mixture: [N, K, C, h, w], each a distribution.
+
+        paper: its softmax over all C. nested: its softmax kept to its own group G_k and
+        renormalised, so a pixel's weight on k means "the class is in G_k" and nothing else.
+        """
+        if self.config.mixing == "paper":
+            return expert_probs
+        groups = self.group_masks().to(expert_probs.dtype).view(1, self.num_experts, -1, 1, 1)
+        kept = expert_probs * groups
+        return kept / kept.sum(dim=2, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
+
     def selection_logits(self, expert_probs: Tensor) -> Tensor:
-        return self.decision(expert_probs)
+        if self.config.mixing == "paper":
+            return self.decision(expert_probs)
+        # The decision maker learns a correction to the chain-rule prior (zero at initialisation).
+        return self.group_prior_logits(expert_probs) + self.decision(expert_probs)
 
     def forward(self, images: Tensor) -> Segmentation:
         expert_probs = self.expert_probs(images)  # [N, K, C, h, w]
         weights = torch.softmax(self.selection_logits(expert_probs), dim=1)  # [N, K, h, w]
-        # p_final = sum_k s_k p_k; the weights sum to 1 so p_final is a distribution.
-        probs = (weights.unsqueeze(2) * expert_probs).sum(dim=1)
+        # p_final = sum_k s_k q_k; the weights sum to 1 so p_final is a distribution.
+        probs = (weights.unsqueeze(2) * self.expert_distributions(expert_probs)).sum(dim=1)
         return self._finish(probs, images.shape[-2:], weights)
 
     def oracle(self, images: Tensor, labels: Tensor) -> Segmentation:
         """Evaluation only: each pixel takes the expert that owns its true class."""
-        expert_probs = self.expert_probs(images)
+        expert_probs = self.expert_distributions(self.expert_probs(images))
         n, k, c, h, w = expert_probs.shape
         full = resize(expert_probs.flatten(1, 2), labels.shape[-2:]).view(n, k, c, *labels.shape[-2:])
         owner = self.expert_lut[labels.long().clamp(0, 255)]

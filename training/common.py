@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medoe.class_stats import ClassStats
-from medoe.config import MEDOEConfig
+from medoe.config import GENERATED, MEDOEConfig
 from medoe.data import build_dataset, train_transform
 from medoe.data.common import to_tensors
 
@@ -35,7 +35,7 @@ def load_config(name_or_path: str) -> MEDOEConfig:
 def get_dataset(config: MEDOEConfig, split: str) -> Dataset:
     """The un-augmented dataset; training wraps it in AugmentedSamples."""
     kwargs = {}
-    if config.dataset == "synthetic":
+    if config.dataset in GENERATED:
         height, width = config.synthetic_size
         count = config.synthetic_train_images if split == "train" else config.synthetic_val_images
         kwargs = dict(num_images=count, height=height, width=width, seed=config.seed)
@@ -54,6 +54,43 @@ def compute_class_stats(dataset, work_dir: Path, ignore_index: int = 255) -> Cla
     )
     stats.save(path)
     return stats
+
+
+class Subset(Dataset):
+    """Some of a dataset's images, with the rest of its contract (load, palette, ...) unchanged."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def load(self, index: int):
+        return self.dataset.load(self.indices[index])
+
+    def label_map(self, index: int):
+        return self.dataset.label_map(self.indices[index])
+
+    def __getattr__(self, name):  # class_names, palette, ignore_index, sample_name, ...
+        return getattr(self.dataset, name)
+
+
+def split_holdout(dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(images stage 1 fits, images only stage 2 sees): a seeded random `share` is held back.
+
+    Stage 2 learns when to trust which expert; on images the experts fitted they are surer and
+    more often right than on new ones, so a decision maker fitted there trusts them too much.
+    """
+    if share <= 0:
+        return dataset, dataset
+    order = np.random.default_rng([seed, 2]).permutation(len(dataset))
+    held = max(1, round(share * len(dataset)))
+    if held >= len(dataset):
+        raise ValueError(f"stage2_holdout={share} leaves no image of {len(dataset)} for stage 1")
+    return Subset(dataset, np.sort(order[held:])), Subset(dataset, np.sort(order[:held]))
 
 
 class SeededBatches:

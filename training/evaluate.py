@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from medoe.checkpoint import CheckpointError, load_checkpoint
 from medoe.class_stats import DEFAULT_THRESHOLDS, ClassStats
-from medoe.config import MEDOEConfig, atomic_write_text
+from medoe.config import DATASETS, GENERATED, MEDOEConfig, atomic_write_text
 from medoe.data import DatasetError
 from medoe.metrics import ConfusionMatrix
 from medoe.model import MEDOE
@@ -42,7 +42,7 @@ def evaluate(model, dataset, device, config: MEDOEConfig, stats: ClassStats, sav
     matrix = ConfusionMatrix(num_classes, config.ignore_index, device)
     oracle = ConfusionMatrix(num_classes, config.ignore_index, device) if isinstance(model, MEDOE) else None
     # Differently sized images (ADE20K) cannot share a batch.
-    loader = DataLoader(dataset, batch_size=batch_size if config.dataset == "synthetic" else 1)
+    loader = DataLoader(dataset, batch_size=batch_size if config.dataset in GENERATED else 1)
     index = 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -109,7 +109,7 @@ def per_class_table(metrics: dict, stats: ClassStats) -> str:
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a MEDOE or baseline checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. work/run/final)")
-    parser.add_argument("--dataset", choices=["synthetic", "cityscapes", "ade20k", "folder"], help="default: the checkpoint's dataset")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's dataset")
     parser.add_argument("--data-root", help="dataset root (not needed for synthetic)")
     parser.add_argument("--split", default="val", help="split to evaluate")
     parser.add_argument("--out", required=True, help="where to write metrics.json")

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import MEDOEConfig
+from medoe.config import DATASETS, MEDOEConfig
 from medoe.data import DatasetError
 from medoe.heads import resize
 from medoe.losses import (
+    expert_log_priors,
     focal_loss,
     inverse_sqrt_frequency_weights,
     selection_balance_weights,
@@ -44,6 +45,7 @@ from training.common import (
     get_dataset,
     load_config,
     make_loader,
+    split_holdout,
 )
 from training.evaluate import evaluate, format_table
 
@@ -53,7 +55,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu", help=f"config name in {CONFIG_DIR} or a JSON path")
     parser.add_argument("--model", choices=["medoe", "baseline", "focal", "reweight"], help="override the config's model type")
     parser.add_argument("--work-dir", required=True, help="where checkpoints, class_stats.json and log.jsonl go")
-    parser.add_argument("--dataset", choices=["synthetic", "cityscapes", "ade20k", "folder"], help="override the config's dataset")
+    parser.add_argument("--dataset", choices=DATASETS, help="override the config's dataset")
     parser.add_argument("--data-root", help="dataset root (not needed for synthetic)")
     parser.add_argument("--iters", type=int, help="stage-1 (or baseline) iterations")
     parser.add_argument("--stage2-iters", type=int, help="stage-2 iterations (MEDOE only; 0 = iters // 10)")
@@ -62,6 +64,11 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="initial learning rate")
     parser.add_argument("--select-balance", action=argparse.BooleanOptionalAction, default=None, help="stage 2: inverse-frequency weights on the expert targets")
     parser.add_argument("--select-balance-power", type=float, help="exponent of those weights: share ** -power")
+    parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
+    parser.add_argument("--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)")
+    parser.add_argument("--stage2-holdout", type=float, help="share of training images held back from stage 1 for stage 2 (0 = off)")
+    parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
+    parser.add_argument("--mixing", choices=["paper", "nested"], help="how the experts are combined (docs/method.md §8)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
     parser.add_argument("--seed", type=int, help="seed for data order, augmentation and init")
     parser.add_argument("--workers", type=int, help="DataLoader workers per process")
@@ -78,8 +85,25 @@ def config_from_args(args) -> MEDOEConfig:
         "model": args.model, "dataset": args.dataset, "data_root": args.data_root, "iters": args.iters,
         "stage2_iters": args.stage2_iters, "batch_size": args.batch_size, "lr": args.lr,
         "select_balance": args.select_balance, "select_balance_power": args.select_balance_power, "seed": args.seed, "num_workers": args.workers,
+        "alpha": args.alpha, "expert_balance": args.expert_balance, "stage2_holdout": args.stage2_holdout,
+        "decision_kernel": args.decision_kernel, "mixing": args.mixing,
     }
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# What stage 2 alone may change on a stage-1 checkpoint; the rest (the held-back images
+# included) was fixed when stage 1 ran.
+STAGE2_FIELDS = ("select_balance", "select_balance_power", "stage2_iters", "stage2_lr", "decision_hidden",
+                 "decision_kernel", "mixing")
+
+
+def with_stage2_settings(model, config: MEDOEConfig):
+    """A stage-1 model whose config follows `config` in STAGE2_FIELDS, with a fresh decision maker."""
+    if not model.config.is_medoe:
+        raise ValueError("--stage 2 needs a MEDOE stage-1 checkpoint, got a single-decoder one")
+    model.config = model.config.replace(**{name: getattr(config, name) for name in STAGE2_FIELDS})
+    model.decision = model.new_decision_maker(model.config).to(model.expert_lut.device)
+    return model
 
 
 class StageLoss(nn.Module):
@@ -92,12 +116,16 @@ class StageLoss(nn.Module):
         if config.is_medoe and config.select_balance:
             weights = selection_balance_weights(stats.pixel_counts, model.groups(), config.select_balance_power)
         self.register_buffer("weights", weights, persistent=False)
+        adjustments = None
+        if config.is_medoe and config.expert_balance > 0:
+            adjustments = expert_log_priors(stats.pixel_counts, model.expert_sets(), config.expert_balance)
+        self.register_buffer("adjustments", adjustments, persistent=False)
 
     def forward(self, images, labels) -> tuple[torch.Tensor, dict[str, float]]:
         model, config, size = self.model, self.config, labels.shape[-2:]
         if config.is_medoe and self.stage == 1:
             logits = [resize(z, size) for z in model.expert_logits(images)]
-            total, parts = stage1_loss(logits, labels, model.expert_sets(), config.alpha, config.ignore_index)
+            total, parts = stage1_loss(logits, labels, model.expert_sets(), config.alpha, config.ignore_index, self.adjustments)
             return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
         if config.is_medoe:
             with torch.no_grad():
@@ -193,7 +221,8 @@ def main(argv=None) -> int:
             start_stage, start_iter = state["stage"], state["iter"]
             print(f"resuming stage {start_stage} at iteration {start_iter} from {work_dir / 'last'}")
         elif args.stage == 2:
-            model = load_checkpoint(work_dir / "stage1", device).model
+            model = with_stage2_settings(load_checkpoint(work_dir / "stage1", device).model, config)
+            config = model.config
             start_stage = 2
         if model is None:
             torch.manual_seed(config.seed)
@@ -201,11 +230,13 @@ def main(argv=None) -> int:
             if config.is_medoe:
                 model.set_groups(stats.groups(config.group_thresholds))
         stages = ([1, 2] if args.stage is None else [args.stage]) if config.is_medoe else [1]
+        holdout = config.stage2_holdout if config.is_medoe else 0.0
+        stage_sets = dict(zip((1, 2), split_holdout(train_set, holdout, config.seed), strict=True))
         for stage in [s for s in stages if s >= start_stage]:
             resumed = stage == start_stage and state is not None
             iters_done = start_iter if resumed else 0
             total = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
-            if iters_done < total and not train_stage(model, config, stage, stats, train_set, work_dir, args, device, iters_done, state if resumed else None):
+            if iters_done < total and not train_stage(model, config, stage, stats, stage_sets[stage], work_dir, args, device, iters_done, state if resumed else None):
                 print(f"stopped after {args.stop_after} iterations; continue with --resume")
                 dist.barrier()
                 return 0

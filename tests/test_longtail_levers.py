@@ -1,0 +1,210 @@
+"""The levers beyond the paper (docs/method.md §8) and the benchmark's diagnostics."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medoe.class_stats import expert_sets
+from medoe.config import MEDOEConfig
+from medoe.losses import expert_log_priors, expert_loss, masked_ce
+from medoe.model import MEDOE, DecisionMaker
+from training import train
+from training.common import SeededBatches, get_dataset, split_holdout
+from training.diagnostics import _ensembles, expert_diagnostics, gain_recovered
+from training.evaluate import evaluate
+
+COUNTS = [800, 150, 40, 10]  # a long tail over 4 classes
+SETS = expert_sets([[0], [1], [2, 3]], 4)  # S_1 = all, S_2 = {1,2,3}, S_3 = {2,3}
+
+
+def test_log_priors_by_hand():
+    adjust = expert_log_priors(COUNTS, SETS, tau=1.0)
+    # Row k: log(count / largest count in S_k) inside S_k, 0 outside (and for S_k's top class).
+    expected = [[0, math.log(150 / 800), math.log(40 / 800), math.log(10 / 800)],
+                [0, 0, math.log(40 / 150), math.log(10 / 150)],
+                [0, 0, 0, math.log(10 / 40)]]
+    torch.testing.assert_close(adjust, torch.tensor(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(expert_log_priors(COUNTS, SETS, tau=0.5), 0.5 * torch.tensor(expected), atol=1e-6, rtol=0)
+    # A class without training pixels counts as one pixel, not log(0).
+    assert torch.isfinite(expert_log_priors([5, 0, 1, 1], SETS, 1.0)).all()
+
+
+def test_adjusted_expert_loss_is_balanced_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5)
+    target = torch.randint(0, 4, (2, 3, 5))
+    adjust = expert_log_priors(COUNTS, SETS, tau=1.0)
+    part = expert_loss(logits, target, SETS[0], alpha=0.0, adjustment=adjust[0])
+    # Balanced softmax (Ren et al. 2020): CE of logits + log prior; shifts common to all classes cancel.
+    prior = torch.tensor(COUNTS, dtype=torch.float) / sum(COUNTS)
+    balanced = F.cross_entropy(logits + prior.log().view(1, -1, 1, 1), target)
+    assert part.ce.item() == pytest.approx(balanced.item(), rel=1e-5)
+    # Without an adjustment nothing changes; the rare classes' loss grows with one.
+    plain = expert_loss(logits, target, SETS[0], alpha=0.0)
+    assert plain.ce.item() == pytest.approx(masked_ce(logits, target, SETS[0]).item(), rel=1e-6)
+    rare = torch.full_like(target, 3)
+    assert expert_loss(logits, rare, SETS[0], adjustment=adjust[0]).ce > expert_loss(logits, rare, SETS[0]).ce
+
+
+def test_holdout_split_is_disjoint_seeded_and_off_at_zero():
+    config = MEDOEConfig(dataset="synthetic", synthetic_train_images=50, synthetic_size=[16, 32], num_classes=14)
+    dataset = get_dataset(config, "train")
+    fit, held = split_holdout(dataset, 0.2, seed=3)
+    assert len(held) == 10 and len(fit) == 40
+    assert not set(fit.indices) & set(held.indices) and sorted(fit.indices + held.indices) == list(range(50))
+    assert split_holdout(dataset, 0.2, seed=3)[1].indices == held.indices
+    assert split_holdout(dataset, 0.2, seed=4)[1].indices != held.indices
+    image, label = held.load(0)
+    assert (label == dataset.label_map(held.indices[0])).all() and held.class_names == dataset.class_names
+    assert torch.equal(held[0][1], dataset[held.indices[0]][1])  # the tensor path (evaluation) too
+    assert split_holdout(dataset, 0.0, seed=3) == (dataset, dataset)
+    assert len(list(SeededBatches(len(held), 4, 0, 3))) == 3
+
+
+def test_decision_kernel_three_sees_neighbours():
+    torch.manual_seed(0)
+    probs = torch.rand(1, 3, 4, 5, 5)
+    moved = probs.clone()
+    moved[..., 2, 3] = torch.rand(3, 4)  # change one neighbour of pixel (2, 2)
+    for kernel, changes in ((1, False), (3, True)):
+        decision = DecisionMaker(3, 4, hidden=8, kernel=kernel)
+        a, b = decision(probs), decision(moved)
+        assert a.shape == (1, 3, 5, 5)
+        assert (not torch.allclose(a[..., 2, 2], b[..., 2, 2])) == changes
+
+
+def test_user_specified_ensembles_by_hand():
+    # One pixel, K=3 experts, C=3 classes; S_1 = all, S_2 = {1, 2}, S_3 = {2}.
+    sets = expert_sets([[0], [1], [2]], 3)
+    full = torch.tensor([[0.4, 0.35, 0.25], [0.1, 0.6, 0.3], [0.7, 0.1, 0.2]]).view(1, 3, 3, 1, 1)
+    rules = _ensembles(full, sets)
+    assert rules["expert1"].item() == 0 and rules["expert2"].item() == 1 and rules["expert3"].item() == 0
+    # Expert 3's best in-set class (2) has 0.2 < beta; expert 2's (1) has 0.6 > beta: class 1.
+    assert rules["softmax_threshold"].item() == 1
+    assert rules["max_confidence"].item() == 0  # expert 3's 0.7 is the surest
+    # Class means over owners: c0 = 0.4, c1 = (0.35 + 0.6) / 2, c2 = (0.25 + 0.3 + 0.2) / 3.
+    assert rules["group_average"].item() == 1
+    assert gain_recovered({"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 50.0}, "moe": {"mIoU": 46.0}}) == pytest.approx(0.6)
+    assert gain_recovered({"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 40.0}, "moe": {"mIoU": 46.0}}) is None
+
+
+@pytest.mark.parametrize("mixing", ["paper", "nested"])
+def test_diagnostics_agree_with_evaluate(mixing):
+    config = MEDOEConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing=mixing,
+                         synthetic_size=[32, 64], synthetic_val_images=6, crop_size=[32, 32], decision_kernel=3)
+    torch.manual_seed(0)
+    model = MEDOE(config)
+    from medoe.class_stats import ClassStats
+
+    dataset = get_dataset(config, "val")
+    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
+    model.set_groups(stats.groups(config.group_thresholds))
+    report = expert_diagnostics(model, dataset, "cpu", config, stats)
+    metrics = evaluate(model, dataset, "cpu", config, stats)
+    assert report["rules"]["moe"]["mIoU"] == pytest.approx(metrics["mIoU"], abs=1e-6)
+    assert report["rules"]["oracle"]["mIoU"] == pytest.approx(metrics["oracle"]["mIoU"], abs=1e-6)
+    experts = report["experts"]
+    assert [e["expert"] for e in experts] == [1, 2, 3]
+    assert sum(e["owned_pixels"] for e in experts) == 6 * 32 * 64
+    assert ("group_prior" in report["rules"]) == (mixing == "nested")
+    for e in experts:
+        assert 0 <= e["selection_accuracy"] <= 100 and 0 <= e["ece"] <= 100
+
+
+def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
+    values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
+    values.update(synthetic_size=[32, 64], crop_size=[32, 32], synthetic_train_images=20, synthetic_val_images=2,
+                  batch_size=2, num_workers=0, decision_kernel=1, stage2_holdout=0.25, expert_balance=1.0)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    work = tmp_path / "run"
+    common = ["--config", str(path), "--work-dir", str(work), "--iters", "2", "--stage2-iters", "2", "--no-eval"]
+    assert train.main(common) == 0
+    first = json.loads((work / "final" / "config.json").read_text())
+    assert first["decision_kernel"] == 1 and first["stage2_holdout"] == 0.25 and first["expert_balance"] == 1.0
+    assert train.main([*common, "--stage", "2", "--decision-kernel", "3", "--no-select-balance"]) == 0
+    second = json.loads((work / "final" / "config.json").read_text())
+    assert second["decision_kernel"] == 3 and second["select_balance"] is False
+    assert second["stage2_holdout"] == 0.25  # fixed by stage 1
+    from medoe.checkpoint import load_checkpoint
+
+    model = load_checkpoint(work / "final").model
+    assert model.decision.net[0].kernel_size == (3, 3)
+
+
+def nested_model(**changes):
+    config = MEDOEConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=4, mixing="nested", **changes)
+    model = MEDOE(config)
+    model.set_groups([[0], [1], [2, 3]])
+    return model
+
+
+def test_group_prior_is_the_chain_rule_by_hand():
+    model = nested_model()
+    # One pixel; expert 1 over all 4 classes, expert 2 over {1, 2, 3}, expert 3 over {2, 3}.
+    probs = torch.tensor([[0.6, 0.2, 0.15, 0.05], [0.1, 0.5, 0.3, 0.1], [0.3, 0.1, 0.2, 0.4]]).view(1, 3, 4, 1, 1)
+    prior = model.group_prior_logits(probs).exp().flatten()
+    r1 = 0.4 / 1.0  # expert 1: P(y in S_2)
+    r2 = 0.4 / 0.9  # expert 2: P(y in S_3 | y in S_2)
+    torch.testing.assert_close(prior, torch.tensor([1 - r1, r1 * (1 - r2), r1 * r2]), atol=1e-5, rtol=0)
+    # Expert k contributes its own group only: expert 3's {2, 3} renormalised, expert 1's class 0 alone.
+    kept = model.expert_distributions(probs)[0, :, :, 0, 0]
+    torch.testing.assert_close(kept[2], torch.tensor([0, 0, 1 / 3, 2 / 3]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(kept[0], torch.tensor([1.0, 0, 0, 0]), atol=1e-6, rtol=0)
+    # The untrained decision maker adds nothing: the MOE starts as the chain rule.
+    torch.testing.assert_close(model.selection_logits(probs), model.group_prior_logits(probs))
+
+
+def test_nested_forward_is_a_distribution_and_the_paper_mixing_is_unchanged():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 48) * 255
+    nested = nested_model()
+    result = nested(images)
+    torch.testing.assert_close(result.probs.sum(1), torch.ones(2, 32, 48), atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.expert_weights.sum(1), torch.ones_like(result.expert_weights[:, 0]), atol=1e-5, rtol=0)
+    paper = MEDOE(nested.config.replace(mixing="paper"))
+    paper.load_state_dict(nested.state_dict())
+    probs = paper.expert_probs(images)
+    assert torch.equal(paper.expert_distributions(probs), probs)
+    torch.testing.assert_close(paper.selection_logits(probs), paper.decision(probs))
+
+
+def test_benchmark_report_names_every_section_and_goal():
+    from medoe.class_stats import ClassStats
+    from medoe.model import BaselineModel
+    from medoe.report import machine_info
+    from training.benchmark_report import goals_for, markdown
+
+    config = MEDOEConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing="nested",
+                         synthetic_size=[32, 64], synthetic_val_images=4, crop_size=[32, 32])
+    dataset = get_dataset(config, "val")
+    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
+    torch.manual_seed(0)
+    runs = {}
+    for name in ("baseline", "reweight"):
+        model_config = config.replace(model=name)
+        runs[name] = {"metrics": evaluate(BaselineModel(model_config), dataset, "cpu", model_config, stats),
+                      "params": 1, "config": model_config.to_dict(), "images": len(dataset)}
+    for name, alpha in (("medoe_paper", 0.2), ("medoe", 0.2), ("medoe_alpha0", 0.0)):
+        model = MEDOE(config.replace(alpha=alpha))
+        model.set_groups(stats.groups(config.group_thresholds))
+        diagnostics = expert_diagnostics(model, dataset, "cpu", model.config, stats)
+        runs[name] = {"metrics": {**diagnostics["rules"]["moe"], "oracle": diagnostics["rules"]["oracle"]},
+                      "diagnostics": diagnostics, "diagnostics_stage2_images": diagnostics["experts"],
+                      "params": 2, "config": model.config.to_dict(), "images": len(dataset)}
+    goals = goals_for("streets", runs)
+    assert [g["name"] for g in goals] == [
+        "streets_medoe_mIoU_minus_reweight", "streets_medoe_tail_mAcc_minus_reweight", "streets_medoe_mIoU_minus_baseline",
+        "streets_medoe_tail_mAcc_minus_baseline", "streets_medoe_oracle_gain_recovered"]
+    report = {"machine": machine_info(), "date": "today", "command": "python -m training.benchmark", "split": "val",
+              "domains": {"streets": {"config": "c", "train_seconds": {"medoe": 1.0}, "runs": runs, "plot": "p.png",
+                                      "groups": {"head": ["road"], "body": [], "tail": []}}},
+              "alpha_plot": "a.png", "total_seconds": 60.0, "goals": goals}
+    text = "\n".join(markdown(report))
+    for part in ("## streets", "| group_prior |", "| softmax_threshold |", "selection (held-out)", "## alpha (Figure 5)",
+                 "| 0 |", "| 0.2 |", "streets_medoe_oracle_gain_recovered"):
+        assert part in text
+    assert goals_for("streets", {n: r for n, r in runs.items() if n != "reweight"}) == []
