@@ -1,11 +1,21 @@
-"""The long-tail benchmark: baseline, focal, reweight and MEDOE (both stage-2 balancing
-settings) with the same backbone, data and budget, evaluated on a held-out split.
+"""The long-tail benchmark: baselines and MEDOE with the same backbone, data and budget, on two
+generated domains (street scenes and aerial suburbs), evaluated on their held-out `test` splits.
 
-    python -m training.benchmark                       # CPU budget, about 40 minutes on 2 cores
+    python -m training.benchmark                  # about 90 minutes on the 2-core CPU machine
+    python -m training.benchmark --alpha-sweep    # + Figure 5 (three more MEDOE runs)
+    python -m training.benchmark --split val --out-dir work/tune        # for tuning
     python -m training.benchmark --device cuda --iters 8000
 
-Writes docs/benchmark_longtail.md and .json. The synthetic "test" split is the held-out one:
-tuning looks at "val" only, so the reported numbers never steered a choice.
+Per domain: baseline, reweight and `medoe` (the configs' recipe: what ships; `--only focal`
+adds focal); on the first domain also `medoe_paper` (the paper's recipe, every lever of
+docs/method.md §8 off; `--paper-everywhere` runs it on every domain). For every MEDOE run the
+diagnostics of training/diagnostics.py: each expert alone, the oracle, the paper's
+user-specified ensembles (Table 6), each expert's mAcc, bias and calibration (Table 9) and the
+decision maker's selection accuracy on its own training images against held-out ones. With
+`--alpha-sweep`, the shipped recipe at alpha in {0, 0.1, 0.2, 0.5} on the first domain (Figure 5).
+
+Writes docs/benchmark_longtail.{md,json} and plots. Tuning looks at `val` only, so the
+reported `test` numbers never steered a choice. Finished runs in --work-dir are reused.
 """
 
 from __future__ import annotations
@@ -19,131 +29,133 @@ from pathlib import Path
 import torch
 
 from medoe.checkpoint import load_checkpoint
-from medoe.model import count_parameters
-from medoe.report import (
-    DOCS_DIR,
-    command_line,
-    goal,
-    goals_markdown,
-    header_markdown,
-    machine_info,
-    now,
-    write_report,
-)
+from medoe.model import MEDOE, count_parameters
+from medoe.report import DOCS_DIR, command_line, machine_info, now, write_report
 from training import train
-from training.common import get_dataset, load_config
-from training.evaluate import evaluate, format_table
-from training.plots import plot_comparison
+from training.benchmark_report import goals_for, markdown
+from training.common import Subset, get_dataset, load_config, split_holdout
+from training.diagnostics import expert_diagnostics
+from training.evaluate import evaluate
+from training.plots import plot_alpha_sweep, plot_comparison
 
-BASELINES = ("baseline", "focal", "reweight")
-# Stage 2 without and with the balancing flag; the config's power (0.5 for the synthetic
-# configs, tuned on "val") and plain inverse frequency (power 1).
-MEDOE_RUNS = {
-    "medoe": ["--no-select-balance"],
-    "medoe_balanced": ["--select-balance"],
-    "medoe_balanced_inverse": ["--select-balance", "--select-balance-power", "1.0"],
-}
+DOMAINS = {"streets": "deeplabv3plus_tiny_synthetic_cpu", "aerial": "deeplabv3plus_tiny_aerial_cpu"}
+BASELINES = {"baseline": ["--model", "baseline"], "focal": ["--model", "focal"], "reweight": ["--model", "reweight"]}
+# The paper's MEDOE: plain CE experts, stage 2 on the images stage 1 fitted, a 1x1 decision maker.
+PAPER = ["--expert-balance", "0", "--stage2-holdout", "0", "--decision-kernel", "1", "--no-select-balance"]
+MEDOE_RUNS = {"medoe_paper": ["--model", "medoe", *PAPER], "medoe": ["--model", "medoe"]}
+DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe")  # focal: with --only
+ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
+STAGE2_TRAIN_IMAGES = 50  # of the decision maker's own training images, for train-vs-held-out selection
 
 
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu", help="training config shared by every run")
-    parser.add_argument("--iters", type=int, help="stage-1 / baseline iterations (default: the config's)")
-    parser.add_argument("--stage2-iters", type=int, help="stage-2 iterations (default: the config's)")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="datasets to run")
+    parser.add_argument("--only", nargs="+", help="a subset of runs, e.g. --only reweight medoe")
+    parser.add_argument("--alpha-sweep", action=argparse.BooleanOptionalAction, default=False,
+                        help="Figure 5's alpha sweep of the shipped recipe on the first domain (+3 MEDOE runs)")
+    parser.add_argument("--paper-everywhere", action="store_true",
+                        help="run medoe_paper on every domain, not only on the first (+1 MEDOE run per domain)")
+    parser.add_argument("--iters", type=int, help="stage-1 / baseline iterations (default: the configs')")
+    parser.add_argument("--stage2-iters", type=int, help="stage-2 iterations (default: the configs')")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training and evaluation device")
-    parser.add_argument("--split", default="test", help="held-out split the table reports")
-    parser.add_argument("--work-dir", default="work/benchmark", help="where the runs go")
+    parser.add_argument("--split", default="test", help="held-out split the tables report")
+    parser.add_argument("--work-dir", default="work/benchmark", help="where the runs go (finished runs are reused)")
     parser.add_argument("--out-dir", default=str(DOCS_DIR), help="where benchmark_longtail.{md,json} go")
-    parser.add_argument("--only", nargs="+", help="run a subset (for tuning), e.g. --only baseline medoe")
     return parser.parse_args(argv)
 
 
-def run_training(args, name: str, extra: list[str]) -> float:
-    flags = ["--config", args.config, "--work-dir", str(Path(args.work_dir) / name), "--device", args.device, "--no-eval", "--resume", *extra]
+def plan(args) -> dict[str, dict[str, list[str]]]:
+    """domain -> run name -> train.py flags."""
+    runs = {**BASELINES, **MEDOE_RUNS}
+    unknown = sorted(set(args.only or []) - set(runs))
+    if unknown:
+        raise ValueError(f"unknown run(s) {unknown}; choose from {list(runs)}")
+    wanted = args.only or DEFAULT_RUNS
+    chosen = {name: flags for name, flags in runs.items() if name in wanted}
+    planned = {domain: dict(chosen) for domain in args.domains}
+    for domain in args.domains[1:] if not args.paper_everywhere else []:
+        planned[domain].pop("medoe_paper", None)  # the paper's recipe: diagnosed on the first domain
+    if args.alpha_sweep and "medoe" in chosen:
+        shipped_alpha = load_config(DOMAINS[args.domains[0]]).alpha
+        for alpha in ALPHAS:
+            if alpha != shipped_alpha:
+                planned[args.domains[0]][f"medoe_alpha{alpha:g}"] = ["--model", "medoe", "--alpha", str(alpha)]
+    return planned
+
+
+def run_training(args, domain: str, name: str, flags: list[str]) -> float:
+    work = Path(args.work_dir) / domain / name
+    argv = ["--config", DOMAINS[domain], "--work-dir", str(work), "--device", args.device, "--no-eval", "--resume", *flags]
     if args.iters:
-        flags += ["--iters", str(args.iters)]
+        argv += ["--iters", str(args.iters)]
     if args.stage2_iters:
-        flags += ["--stage2-iters", str(args.stage2_iters)]
+        argv += ["--stage2-iters", str(args.stage2_iters)]
+    if (work / "final").is_dir():
+        return float("nan")  # finished earlier: reused, not timed again
+    shutil.rmtree(work / "final", ignore_errors=True)
     tic = time.perf_counter()
-    if train.main(flags) != 0:
-        raise SystemExit(f"training {name} failed")
+    if train.main(argv) != 0:
+        raise SystemExit(f"training {domain}/{name} failed")
     return time.perf_counter() - tic
 
 
-def train_all(args, names: list[str]) -> dict[str, float]:
-    seconds = {}
-    for name in [n for n in BASELINES if n in names]:
-        seconds[name] = run_training(args, name, ["--model", name])
-    medoe = [n for n in MEDOE_RUNS if n in names]
-    if medoe:
-        # Stage 1 is shared: both balancing settings start from the same experts.
-        first = medoe[0]
-        seconds[first] = run_training(args, first, ["--model", "medoe", *MEDOE_RUNS[first]])
-        for other in medoe[1:]:
-            source, target = Path(args.work_dir) / first, Path(args.work_dir) / other
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            shutil.copytree(source / "stage1", target / "stage1")
-            shutil.copy(source / "class_stats.json", target / "class_stats.json")
-            seconds[other] = run_training(args, other, ["--model", "medoe", "--stage", "2", *MEDOE_RUNS[other]])
-    return seconds
+def score(args, domain: str, name: str, device) -> dict:
+    checkpoint = load_checkpoint(Path(args.work_dir) / domain / name / "final", device)
+    model, config, stats = checkpoint.model, checkpoint.config, checkpoint.class_stats
+    held_out = get_dataset(config, args.split)
+    result = {"params": count_parameters(model), "config": config.to_dict(), "images": len(held_out)}
+    if isinstance(model, MEDOE):
+        stage2_images = split_holdout(get_dataset(config, "train"), config.stage2_holdout, config.seed)[1]
+        seen = Subset(stage2_images, range(min(STAGE2_TRAIN_IMAGES, len(stage2_images))))
+        result["diagnostics"] = expert_diagnostics(model, held_out, device, config, stats)
+        result["diagnostics_stage2_images"] = expert_diagnostics(model, seen, device, config, stats)["experts"]
+        # The diagnostics' moe and oracle rules are evaluate()'s numbers (tests/test_longtail_levers.py), in one pass.
+        rules = result["diagnostics"]["rules"]
+        result["metrics"] = {**rules["moe"], "oracle": rules["oracle"]}
+    else:
+        result["metrics"] = evaluate(model, held_out, device, config, stats)
+    result["class_stats"] = stats
+    return result
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    names = args.only or [*BASELINES, *MEDOE_RUNS]
-    unknown = sorted(set(names) - {*BASELINES, *MEDOE_RUNS})
-    if unknown:
-        print(f"error: unknown run(s) {unknown}; choose from {[*BASELINES, *MEDOE_RUNS]}", file=sys.stderr)
-        return 2
-    try:  # a bad config is one line and exit 2 here, not "training baseline failed" after the first run
-        load_config(args.config)
+    try:  # a bad name or config is one line and exit 2 here, not a failure after the first run
+        planned = plan(args)
+        for domain in args.domains:
+            load_config(DOMAINS[domain])
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    seconds = train_all(args, names)
     device = torch.device(args.device)
-    results, params = {}, {}
-    for name in names:
-        checkpoint = load_checkpoint(Path(args.work_dir) / name / "final", device)
-        dataset = get_dataset(checkpoint.config, args.split)
-        results[name] = evaluate(checkpoint.model, dataset, device, checkpoint.config, checkpoint.class_stats)
-        params[name] = count_parameters(checkpoint.model)
-    config = checkpoint.config
-    goals = []
-    if "baseline" in results:
-        base = results["baseline"]
-        for name in [n for n in MEDOE_RUNS if n in results]:
-            m = results[name]
-            goals += [
-                goal(f"{name}_tail_mAcc_gain_over_baseline", m["groups"]["tail"]["mAcc"] - base["groups"]["tail"]["mAcc"], 3.0, ">="),
-                goal(f"{name}_mIoU_drop_vs_baseline", base["mIoU"] - m["mIoU"], 0.5, "<="),
-                goal(f"{name}_oracle_mIoU_minus_medoe", m["oracle"]["mIoU"] - m["mIoU"], 0.01, ">="),
-            ]
+    domains = {}
+    for domain, runs in planned.items():
+        seconds = {name: run_training(args, domain, name, flags) for name, flags in runs.items()}
+        scored = {name: score(args, domain, name, device) for name in runs}
+        stats = next(iter(scored.values())).pop("class_stats")
+        for result in scored.values():
+            result.pop("class_stats", None)
+        plot = Path(args.out_dir) / f"benchmark_longtail_{domain}_per_class.png"
+        main_runs = {n: r["metrics"] for n, r in scored.items() if not n.startswith("medoe_alpha")}
+        plot_comparison(main_runs, stats, plot, metric="Acc", title=f"{domain}: per-class Acc on held-out {args.split}")
+        domains[domain] = {"config": DOMAINS[domain], "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
+                           "runs": scored, "plot": plot.name,
+                           "groups": {g: [stats.class_names[c] for c in m] for g, m in stats.group_dict().items()}}
+    first = domains[args.domains[0]]
+    alpha_runs = {n: r for n, r in first["runs"].items() if n == "medoe" or n.startswith("medoe_alpha")}
+    alpha_plot = None
+    if len(alpha_runs) > 1:
+        points = [(r["config"]["alpha"], r["metrics"]["mIoU"], r["metrics"]["groups"]["tail"]["mAcc"]) for r in alpha_runs.values()]
+        alpha_plot = plot_alpha_sweep(points, Path(args.out_dir) / "benchmark_longtail_alpha.png").name
     report = {
         "machine": machine_info(), "date": now(), "command": command_line("training.benchmark", argv),
-        "config": config.to_dict(), "split": args.split, "held_out_images": len(dataset),
-        "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "split": args.split, "domains": domains, "alpha_plot": alpha_plot,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "params": params, "results": results, "goals": goals,
     }
-    lines = header_markdown("Long-tail benchmark: MEDOE vs. baselines (synthetic street scenes)", report)
-    lines += [
-        f"Backbone `{config.backbone}`, context `{config.context}`, {config.iters} iterations of batch "
-        f"{config.batch_size} at {config.crop_size[0]}x{config.crop_size[1]} (MEDOE: plus {config.stage2_iters} "
-        f"stage-2 iterations), evaluated on {len(dataset)} held-out `{args.split}` images "
-        f"({config.synthetic_size[0]}x{config.synthetic_size[1]}). Percent; groups by pixel share (80% / 95%).", "",
-        format_table(results), "",
-        "| run | parameters | training seconds |", "|---|---:|---:|",
-        *[f"| {n} | {params[n]:,} | {seconds.get(n, 0):.0f} |" for n in names], "",
-        *goals_markdown(goals), "",
-        f"Total wall time {report['total_seconds'] / 60:.1f} min. Per-class IoU/Acc and pixel counts are in "
-        "`benchmark_longtail.json` (`results.<run>.per_class`).",
-    ]
-    plot = Path(args.out_dir) / "benchmark_longtail_per_class.png"
-    plot_comparison(results, checkpoint.class_stats, plot, metric="Acc", title=f"Per-class Acc on held-out {args.split}")
-    lines += ["", f"![per-class accuracy against training pixel frequency]({plot.name})"]
+    report["goals"] = [g for domain, d in domains.items() for g in goals_for(domain, d["runs"])]
+    lines = markdown(report)
     write_report(Path(args.out_dir), "benchmark_longtail", report, lines)
     print("\n".join(lines))
     return 0

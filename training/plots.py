@@ -124,3 +124,18 @@ def plot_comparison(results: dict[str, dict], class_stats: ClassStats, path: str
     handles = axes.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axes.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8, frameon=False)
     return _save(figure, path)
+
+
+def plot_alpha_sweep(points: list[tuple[float, float, float]], path: str | Path) -> Path:
+    """Figure 5: (alpha, mIoU, tail mAcc) points of one recipe, as two lines against alpha."""
+    points = sorted(points)
+    figure = Figure(figsize=(5, 3.2))
+    axes = figure.add_subplot()
+    alphas = [p[0] for p in points]
+    axes.plot(alphas, [p[1] for p in points], "o-", color=RUN_COLOURS[0], label="mIoU")
+    axes.plot(alphas, [p[2] for p in points], "s--", color=RUN_COLOURS[1], label="tail mAcc")
+    axes.set_xlabel("alpha (weight of the L2 + KL terms)")
+    axes.set_ylabel("percent")
+    axes.legend(frameon=False)
+    figure.tight_layout()
+    return _save(figure, path)

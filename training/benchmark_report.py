@@ -1,0 +1,97 @@
+"""The long-tail benchmark's goals, Markdown and alpha plot (training/benchmark.py runs it)."""
+
+from __future__ import annotations
+
+from medoe.report import goal, goals_markdown, header_markdown
+from training.diagnostics import gain_recovered
+from training.evaluate import format_table
+
+RULES = ("moe", "group_prior", "expert1", "expert2", "expert3", "expert4", "oracle", "softmax_threshold", "max_confidence", "group_average")
+
+
+def _tail(metrics: dict, key: str) -> float:
+    return metrics["groups"]["tail"][key]
+
+
+def goals_for(domain: str, runs: dict) -> list[dict]:
+    """Issue 12's goals for the shipped `medoe` against reweight and the baseline, where all ran."""
+    if not {"medoe", "reweight", "baseline"} <= set(runs):
+        return []
+    m, rw, base = (runs[n]["metrics"] for n in ("medoe", "reweight", "baseline"))
+    recovered = gain_recovered(runs["medoe"]["diagnostics"]["rules"])
+    return [
+        goal(f"{domain}_medoe_mIoU_minus_reweight", m["mIoU"] - rw["mIoU"], 0.0, ">="),
+        goal(f"{domain}_medoe_tail_mAcc_minus_reweight", _tail(m, "mAcc") - _tail(rw, "mAcc"), -2.0, ">="),
+        goal(f"{domain}_medoe_mIoU_minus_baseline", m["mIoU"] - base["mIoU"], 0.0, ">="),
+        goal(f"{domain}_medoe_tail_mAcc_minus_baseline", _tail(m, "mAcc") - _tail(base, "mAcc"), 5.0, ">="),
+        goal(f"{domain}_medoe_oracle_gain_recovered", -1.0 if recovered is None else recovered, 0.5, ">="),
+    ]
+
+
+def _rules_table(name: str, rules: dict) -> list[str]:
+    lines = [f"`{name}`: every way to combine the same experts (Table 6), on the held-out split.", "",
+             "| rule | mIoU | mAcc | head mIoU | body mIoU | tail mIoU | tail mAcc |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for rule in [r for r in RULES if r in rules]:
+        m, g = rules[rule], rules[rule]["groups"]
+        lines.append(f"| {rule} | {m['mIoU']:.2f} | {m['mAcc']:.2f} | {g['head']['mIoU']:.2f} | "
+                     f"{g['body']['mIoU']:.2f} | {g['tail']['mIoU']:.2f} | {g['tail']['mAcc']:.2f} |")
+    recovered = gain_recovered(rules)
+    if recovered is not None:
+        lines += ["", f"The learned MOE keeps {100 * recovered:.0f}% of the oracle's mIoU gain over expert 1 alone."]
+    return lines
+
+
+def _experts_table(name: str, held_out: list[dict], seen: list[dict]) -> list[str]:
+    lines = [f"`{name}`: the experts (Table 9) and the decision maker. Set mAcc and bias over the expert's own "
+             "classes S_k; bias = (1 - mean p(true class))^2 per class, averaged; ECE on pixels of S_k; selection "
+             "accuracy = share of the pixels owned by expert k where the decision maker's largest weight is on k, "
+             f"on {len(seen) and 'its own training images'} and on held-out ones.", "",
+             "| expert | classes | set mAcc | set bias | ECE | confidence | accuracy | owner weight | selection (stage-2 images) | selection (held-out) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e, s in zip(held_out, seen, strict=True):
+        bias = "n/a" if e["set_mean_bias"] is None else f"{e['set_mean_bias']:.3f}"
+        lines.append(f"| {e['expert']} | {len(e['classes'])} | {e['set_mAcc']:.2f} | {bias} | {e['ece']:.2f} | "
+                     f"{e['mean_confidence']:.2f} | {e['accuracy']:.2f} | {e['owner_weight']:.2f} | "
+                     f"{s['selection_accuracy']:.2f} | {e['selection_accuracy']:.2f} |")
+    return lines
+
+
+def _setup_line(domain: str, d: dict, split: str) -> str:
+    config = next(iter(d["runs"].values()))["config"]
+    images = next(iter(d["runs"].values()))["images"]
+    groups = "; ".join(f"{g}: {', '.join(names)}" for g, names in d["groups"].items())
+    return (f"`{d['config']}`: backbone `{config['backbone']}`, context `{config['context']}`, {config['iters']} "
+            f"iterations of batch {config['batch_size']} at {config['crop_size'][0]}x{config['crop_size'][1]} "
+            f"(MEDOE: plus {config['stage2_iters']} stage-2 iterations), {images} held-out `{split}` images of "
+            f"{config['synthetic_size'][0]}x{config['synthetic_size'][1]}. Groups by training pixel share "
+            f"(80% / 95%): {groups}.")
+
+
+def markdown(report: dict) -> list[str]:
+    lines = header_markdown("Long-tail benchmark: MEDOE vs. baselines on two generated domains", report)
+    lines += ["Percent. `medoe` is the shipped recipe (docs/method.md §5); `medoe_paper` the paper's "
+              "(plain CE experts, stage 2 on stage 1's images, a 1x1 decision maker).", ""]
+    for domain, d in report["domains"].items():
+        runs = d["runs"]
+        main = {n: r["metrics"] for n, r in runs.items() if not n.startswith("medoe_alpha")}
+        lines += [f"## {domain}", "", _setup_line(domain, d, report["split"]), "", format_table(main), "",
+                  "| run | parameters | training seconds |", "|---|---:|---:|"]
+        lines += [f"| {n} | {r['params']:,} | {d['train_seconds'].get(n, float('nan')):.0f} |" for n, r in runs.items()]
+        for name in [n for n in ("medoe_paper", "medoe") if n in runs]:
+            diag = runs[name]
+            lines += ["", *_rules_table(name, diag["diagnostics"]["rules"]), "",
+                      *_experts_table(name, diag["diagnostics"]["experts"], diag["diagnostics_stage2_images"])]
+        lines += ["", f"![{domain}: per-class accuracy against training pixel frequency]({d['plot']})", ""]
+    first = next(iter(report["domains"].values()))
+    alpha_runs = sorted((r["config"]["alpha"], r["metrics"]) for n, r in first["runs"].items()
+                        if n == "medoe" or n.startswith("medoe_alpha"))
+    if len(alpha_runs) > 1:
+        lines += [f"## alpha (Figure 5), shipped recipe on {next(iter(report['domains']))}", "",
+                  "| alpha | mIoU | mAcc | tail mIoU | tail mAcc |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {a:g} | {m['mIoU']:.2f} | {m['mAcc']:.2f} | {_tail(m, 'mIoU'):.2f} | {_tail(m, 'mAcc'):.2f} |"
+                  for a, m in alpha_runs]
+        lines += ["", f"![mIoU and tail mAcc against alpha]({report['alpha_plot']})", ""]
+    lines += ["## goals", "", *goals_markdown(report["goals"]), "",
+              f"Total wall time {report['total_seconds'] / 60:.1f} min (runs already in the work dir are reused "
+              "and not timed). Per-class IoU/Acc, per-class bias and pixel counts are in `benchmark_longtail.json`."]
+    return lines
