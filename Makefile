@@ -33,7 +33,7 @@ demo: setup $(MODEL)
 
 # Order-only on the stamp: a re-installed .venv must not retrain the shipped model.
 $(MODEL): | $(STAMP)
-	$(PY) -m training.train --config deeplabv3plus_tiny_synthetic_cpu --model medoe --select-balance --work-dir $(MODEL_RUN)
+	$(PY) -m training.train --config deeplabv3plus_tiny_synthetic_cpu --model medoe --work-dir $(MODEL_RUN)
 	$(PY) -m export.to_onnx --checkpoint $(MODEL_RUN)/final --out $@ --warmup 1x256x512
 
 # The issue-2 training demo: baseline and MEDOE trained on synthetic scenes, their table printed.

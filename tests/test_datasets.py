@@ -189,7 +189,7 @@ def test_build_dataset(tmp_path):
     assert isinstance(build_dataset("folder", tmp_path), FolderDataset)
     synthetic = build_dataset("synthetic", split="val", num_images=3, height=32, width=64)
     assert len(synthetic) == 3 and synthetic.split == "val"
-    with pytest.raises(ValueError, match="synthetic, cityscapes, ade20k, folder"):
+    with pytest.raises(ValueError, match="synthetic, aerial, cityscapes, ade20k, folder"):
         build_dataset("pascal", tmp_path)
     with pytest.raises(DatasetError, match="root"):
         build_dataset("cityscapes", None)

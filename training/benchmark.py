@@ -1,14 +1,14 @@
 """The long-tail benchmark: baselines and MEDOE with the same backbone, data and budget, on two
 generated domains (street scenes and aerial suburbs), evaluated on their held-out `test` splits.
 
-    python -m training.benchmark                  # about 90 minutes on the 2-core CPU machine
+    python -m training.benchmark                  # 300 + 200 iterations: about 90 minutes on 2 cores
     python -m training.benchmark --alpha-sweep    # + Figure 5 (three more MEDOE runs)
     python -m training.benchmark --split val --out-dir work/tune        # for tuning
     python -m training.benchmark --device cuda --iters 8000
 
-Per domain: baseline, reweight and `medoe` (the configs' recipe: what ships; `--only focal`
-adds focal); on the first domain also `medoe_paper` (the paper's recipe, every lever of
-docs/method.md §8 off; `--paper-everywhere` runs it on every domain). For every MEDOE run the
+Per domain: baseline, reweight (`--only ... focal` adds focal), `medoe_paper` (the paper's
+recipe, every lever of docs/method.md §8 off), `medoe` (the configs' recipe: what ships; the
+paper's stage 1 with balanced selection) and `medoe_levers` (every lever on). For every MEDOE run the
 diagnostics of training/diagnostics.py: each expert alone, the oracle, the paper's
 user-specified ensembles (Table 6), each expert's mAcc, bias and calibration (Table 9) and the
 decision maker's selection accuracy on its own training images against held-out ones. With
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from medoe.checkpoint import load_checkpoint
+from medoe.config import atomic_write_text
 from medoe.model import MEDOE, count_parameters
 from medoe.report import DOCS_DIR, command_line, machine_info, now, write_report
 from training import train
@@ -40,29 +41,41 @@ from training.plots import plot_alpha_sweep, plot_comparison
 
 DOMAINS = {"streets": "deeplabv3plus_tiny_synthetic_cpu", "aerial": "deeplabv3plus_tiny_aerial_cpu"}
 BASELINES = {"baseline": ["--model", "baseline"], "focal": ["--model", "focal"], "reweight": ["--model", "reweight"]}
-# The paper's MEDOE: plain CE experts, stage 2 on the images stage 1 fitted, a 1x1 decision maker.
-PAPER = ["--expert-balance", "0", "--stage2-holdout", "0", "--decision-kernel", "1", "--no-select-balance"]
-MEDOE_RUNS = {"medoe_paper": ["--model", "medoe", *PAPER], "medoe": ["--model", "medoe"]}
-DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe")  # focal: with --only
+# The paper's MEDOE: plain CE experts, stage 2 on the images stage 1 fitted, a 1x1 decision maker,
+# p = sum_k s_k p_k, no selection balance.
+PAPER = ["--expert-balance", "0", "--stage2-holdout", "0", "--decision-kernel", "1", "--mixing", "paper",
+         "--no-select-balance"]
+# Every lever of docs/method.md §8 on.
+LEVERS = ["--expert-balance", "1", "--stage2-holdout", "0.2", "--decision-kernel", "3", "--mixing", "nested",
+          "--select-balance", "--select-balance-power", "0.5"]
+MEDOE_RUNS = {"medoe_paper": ["--model", "medoe", *PAPER], "medoe": ["--model", "medoe"],
+              "medoe_levers": ["--model", "medoe", *LEVERS]}
+# `medoe` (the configs' recipe, what ships) differs from the paper's in stage 2 only: it reuses that stage 1.
+SHARES_STAGE1 = {"medoe": "medoe_paper"}
+DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
+# The CPU budget: every run, both domains, in about 90 minutes on the 2-core machine.
+CPU_ITERS, CPU_STAGE2_ITERS = 300, 200
 STAGE2_TRAIN_IMAGES = 50  # of the decision maker's own training images, for train-vs-held-out selection
 
 
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="datasets to run")
+    parser.add_argument("--config", help="one domain from this config (a name in configs/ or a JSON path) instead of --domains")
     parser.add_argument("--only", nargs="+", help="a subset of runs, e.g. --only reweight medoe")
     parser.add_argument("--alpha-sweep", action=argparse.BooleanOptionalAction, default=False,
                         help="Figure 5's alpha sweep of the shipped recipe on the first domain (+3 MEDOE runs)")
-    parser.add_argument("--paper-everywhere", action="store_true",
-                        help="run medoe_paper on every domain, not only on the first (+1 MEDOE run per domain)")
-    parser.add_argument("--iters", type=int, help="stage-1 / baseline iterations (default: the configs')")
-    parser.add_argument("--stage2-iters", type=int, help="stage-2 iterations (default: the configs')")
+    parser.add_argument("--iters", type=int, default=CPU_ITERS, help="stage-1 / baseline iterations (the configs': 1200)")
+    parser.add_argument("--stage2-iters", type=int, default=CPU_STAGE2_ITERS, help="stage-2 iterations")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training and evaluation device")
     parser.add_argument("--split", default="test", help="held-out split the tables report")
     parser.add_argument("--work-dir", default="work/benchmark", help="where the runs go (finished runs are reused)")
     parser.add_argument("--out-dir", default=str(DOCS_DIR), help="where benchmark_longtail.{md,json} go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.configs = {Path(args.config).stem: args.config} if args.config else {d: DOMAINS[d] for d in args.domains}
+    args.domains = list(args.configs)
+    return args
 
 
 def plan(args) -> dict[str, dict[str, list[str]]]:
@@ -74,10 +87,8 @@ def plan(args) -> dict[str, dict[str, list[str]]]:
     wanted = args.only or DEFAULT_RUNS
     chosen = {name: flags for name, flags in runs.items() if name in wanted}
     planned = {domain: dict(chosen) for domain in args.domains}
-    for domain in args.domains[1:] if not args.paper_everywhere else []:
-        planned[domain].pop("medoe_paper", None)  # the paper's recipe: diagnosed on the first domain
     if args.alpha_sweep and "medoe" in chosen:
-        shipped_alpha = load_config(DOMAINS[args.domains[0]]).alpha
+        shipped_alpha = load_config(args.configs[args.domains[0]]).alpha
         for alpha in ALPHAS:
             if alpha != shipped_alpha:
                 planned[args.domains[0]][f"medoe_alpha{alpha:g}"] = ["--model", "medoe", "--alpha", str(alpha)]
@@ -86,18 +97,24 @@ def plan(args) -> dict[str, dict[str, list[str]]]:
 
 def run_training(args, domain: str, name: str, flags: list[str]) -> float:
     work = Path(args.work_dir) / domain / name
-    argv = ["--config", DOMAINS[domain], "--work-dir", str(work), "--device", args.device, "--no-eval", "--resume", *flags]
-    if args.iters:
-        argv += ["--iters", str(args.iters)]
-    if args.stage2_iters:
-        argv += ["--stage2-iters", str(args.stage2_iters)]
-    if (work / "final").is_dir():
-        return float("nan")  # finished earlier: reused, not timed again
-    shutil.rmtree(work / "final", ignore_errors=True)
+    argv = ["--config", args.configs[domain], "--work-dir", str(work), "--device", args.device, "--no-eval", "--resume", *flags]
+    argv += ["--iters", str(args.iters), "--stage2-iters", str(args.stage2_iters)]
+    timing = work / "train_seconds.txt"
+    if (work / "final").is_dir():  # finished earlier: reused, with the time it took then
+        return float(timing.read_text()) if timing.is_file() else float("nan")
+    source = Path(args.work_dir) / domain / SHARES_STAGE1.get(name, name)
+    if source != work and not (work / "stage1").is_dir():
+        shutil.copytree(source / "stage1", work / "stage1")
+        shutil.copy(source / "class_stats.json", work / "class_stats.json")
+    if (work / "stage1").is_dir():  # stage 1 is done (here or in the run it shares): stage 2 alone
+        shutil.rmtree(work / "last", ignore_errors=True)
+        argv = [a for a in argv if a != "--resume"] + ["--stage", "2"]
     tic = time.perf_counter()
     if train.main(argv) != 0:
         raise SystemExit(f"training {domain}/{name} failed")
-    return time.perf_counter() - tic
+    seconds = time.perf_counter() - tic
+    atomic_write_text(timing, f"{seconds:.1f}\n")
+    return seconds
 
 
 def score(args, domain: str, name: str, device) -> dict:
@@ -122,9 +139,9 @@ def score(args, domain: str, name: str, device) -> dict:
 def main(argv=None) -> int:
     args = get_args(argv)
     try:  # a bad name or config is one line and exit 2 here, not a failure after the first run
-        planned = plan(args)
         for domain in args.domains:
-            load_config(DOMAINS[domain])
+            load_config(args.configs[domain])
+        planned = plan(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -140,7 +157,7 @@ def main(argv=None) -> int:
         plot = Path(args.out_dir) / f"benchmark_longtail_{domain}_per_class.png"
         main_runs = {n: r["metrics"] for n, r in scored.items() if not n.startswith("medoe_alpha")}
         plot_comparison(main_runs, stats, plot, metric="Acc", title=f"{domain}: per-class Acc on held-out {args.split}")
-        domains[domain] = {"config": DOMAINS[domain], "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        domains[domain] = {"config": args.configs[domain], "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
                            "runs": scored, "plot": plot.name,
                            "groups": {g: [stats.class_names[c] for c in m] for g, m in stats.group_dict().items()}}
     first = domains[args.domains[0]]
@@ -154,7 +171,7 @@ def main(argv=None) -> int:
         "split": args.split, "domains": domains, "alpha_plot": alpha_plot,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    report["goals"] = [g for domain, d in domains.items() for g in goals_for(domain, d["runs"])]
+    report["goals"] = [g for domain, d in domains.items() for g in goals_for(domain, d["runs"], ("medoe", "medoe_levers"))]
     lines = markdown(report)
     write_report(Path(args.out_dir), "benchmark_longtail", report, lines)
     print("\n".join(lines))
