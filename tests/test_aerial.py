@@ -7,7 +7,7 @@ import torch
 from medoe.data.aerial import SyntheticAerial
 from medoe.data.aerial import main as aerial_main
 from medoe.data.folder import FolderDataset
-from medoe.data.synthetic import _groups
+from medoe.data.generated import _groups
 
 NAMES = ["bare ground", "grass", "road", "building", "tree", "water", "car", "swimming pool", "boat",
          "solar panel"]

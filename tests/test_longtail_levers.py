@@ -80,7 +80,7 @@ def test_user_specified_ensembles_by_hand():
     # One pixel, K=3 experts, C=3 classes; S_1 = all, S_2 = {1, 2}, S_3 = {2}.
     sets = expert_sets([[0], [1], [2]], 3)
     full = torch.tensor([[0.4, 0.35, 0.25], [0.1, 0.6, 0.3], [0.7, 0.1, 0.2]]).view(1, 3, 3, 1, 1)
-    rules = _ensembles(full, sets)
+    rules = _ensembles(full, sets, full.max(2))
     assert rules["expert1"].item() == 0 and rules["expert2"].item() == 1 and rules["expert3"].item() == 0
     # Expert 3's best in-set class (2) has 0.2 < beta; expert 2's (1) has 0.6 > beta: class 1.
     assert rules["softmax_threshold"].item() == 1

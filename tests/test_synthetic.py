@@ -8,8 +8,8 @@ import torch
 from cityscapesscripts.helpers.labels import name2label
 
 from medoe.data import FolderDataset, SyntheticStreets
+from medoe.data.generated import pixel_stats
 from medoe.data.synthetic import main as synthetic_main
-from medoe.data.synthetic import pixel_stats
 
 
 @pytest.fixture(scope="module")

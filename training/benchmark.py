@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from medoe.checkpoint import load_checkpoint
+from medoe.class_stats import ClassStats
 from medoe.config import atomic_write_text
 from medoe.model import MEDOE, count_parameters
 from medoe.report import DOCS_DIR, command_line, machine_info, now, write_report
@@ -97,8 +98,6 @@ def plan(args) -> dict[str, dict[str, list[str]]]:
 
 def run_training(args, domain: str, name: str, flags: list[str]) -> float:
     work = Path(args.work_dir) / domain / name
-    argv = ["--config", args.configs[domain], "--work-dir", str(work), "--device", args.device, "--no-eval", "--resume", *flags]
-    argv += ["--iters", str(args.iters), "--stage2-iters", str(args.stage2_iters)]
     timing = work / "train_seconds.txt"
     if (work / "final").is_dir():  # finished earlier: reused, with the time it took then
         return float(timing.read_text()) if timing.is_file() else float("nan")
@@ -106,9 +105,13 @@ def run_training(args, domain: str, name: str, flags: list[str]) -> float:
     if source != work and not (work / "stage1").is_dir():
         shutil.copytree(source / "stage1", work / "stage1")
         shutil.copy(source / "class_stats.json", work / "class_stats.json")
+    argv = ["--config", args.configs[domain], "--work-dir", str(work), "--device", args.device, "--no-eval", *flags,
+            "--iters", str(args.iters), "--stage2-iters", str(args.stage2_iters)]
     if (work / "stage1").is_dir():  # stage 1 is done (here or in the run it shares): stage 2 alone
         shutil.rmtree(work / "last", ignore_errors=True)
-        argv = [a for a in argv if a != "--resume"] + ["--stage", "2"]
+        argv += ["--stage", "2"]
+    else:
+        argv += ["--resume"]
     tic = time.perf_counter()
     if train.main(argv) != 0:
         raise SystemExit(f"training {domain}/{name} failed")
@@ -132,7 +135,6 @@ def score(args, domain: str, name: str, device) -> dict:
         result["metrics"] = {**rules["moe"], "oracle": rules["oracle"]}
     else:
         result["metrics"] = evaluate(model, held_out, device, config, stats)
-    result["class_stats"] = stats
     return result
 
 
@@ -151,9 +153,8 @@ def main(argv=None) -> int:
     for domain, runs in planned.items():
         seconds = {name: run_training(args, domain, name, flags) for name, flags in runs.items()}
         scored = {name: score(args, domain, name, device) for name in runs}
-        stats = next(iter(scored.values())).pop("class_stats")
-        for result in scored.values():
-            result.pop("class_stats", None)
+        # Every run of a domain trains on the same images: any run's statistics serve the plot and groups.
+        stats = ClassStats.load(Path(args.work_dir) / domain / next(iter(runs)) / "class_stats.json")
         plot = Path(args.out_dir) / f"benchmark_longtail_{domain}_per_class.png"
         main_runs = {n: r["metrics"] for n, r in scored.items() if not n.startswith("medoe_alpha")}
         plot_comparison(main_runs, stats, plot, metric="Acc", title=f"{domain}: per-class Acc on held-out {args.split}")

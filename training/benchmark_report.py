@@ -50,7 +50,7 @@ def _experts_table(name: str, held_out: list[dict], seen: list[dict]) -> list[st
     lines = [f"`{name}`: the experts (Table 9) and the decision maker. Set mAcc and bias over the expert's own "
              "classes S_k; bias = (1 - mean p(true class))^2 per class, averaged; ECE on pixels of S_k; selection "
              "accuracy = share of the pixels owned by expert k where the decision maker's largest weight is on k, "
-             f"on {len(seen) and 'its own training images'} and on held-out ones.", "",
+             "on its own training images and on held-out ones.", "",
              "| expert | classes | set mAcc | set bias | ECE | confidence | accuracy | owner weight | selection (stage-2 images) | selection (held-out) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e, s in zip(held_out, seen, strict=True):

@@ -56,17 +56,11 @@ def compute_class_stats(dataset, work_dir: Path, ignore_index: int = 255) -> Cla
     return stats
 
 
-class Subset(Dataset):
-    """Some of a dataset's images, with the rest of its contract (load, palette, ...) unchanged."""
+class Subset(torch.utils.data.Subset):
+    """torch's Subset with the rest of the dataset contract (load, label_map, palette, ...)."""
 
     def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.indices[index]]
+        super().__init__(dataset, [int(i) for i in indices])
 
     def load(self, index: int):
         return self.dataset.load(self.indices[index])

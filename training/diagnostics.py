@@ -31,18 +31,18 @@ SOFTMAX_BETA = 0.3  # Table 6's beta
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error
 
 
-def _ensembles(full: torch.Tensor, sets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """full [N, K, C, H, W] expert probabilities -> labels per user-specified rule."""
+def _ensembles(full: torch.Tensor, sets: torch.Tensor, best) -> dict[str, torch.Tensor]:
+    """full [N, K, C, H, W] expert probabilities, best = full.max(2) -> labels per user-specified rule."""
     k = full.shape[1]
-    rules = {f"expert{i + 1}": full[:, i].argmax(1) for i in range(k)}
+    rules = {f"expert{i + 1}": best.indices[:, i] for i in range(k)}
     in_set = full * sets.view(1, k, -1, 1, 1)
     top, top_class = in_set.max(2)  # [N, K, H, W]: each expert's best class inside its own set
     chosen = top_class[:, 0].clone()
     for i in range(1, k):  # later experts are more specialised: they override when sure
         chosen = torch.where(top[:, i] > SOFTMAX_BETA, top_class[:, i], chosen)
     rules["softmax_threshold"] = chosen
-    best = full.max(2).values.argmax(1, keepdim=True)  # [N, 1, H, W]
-    rules["max_confidence"] = full.max(2).indices.gather(1, best).squeeze(1)
+    surest = best.values.argmax(1, keepdim=True)  # [N, 1, H, W]: the expert with the highest top probability
+    rules["max_confidence"] = best.indices.gather(1, surest).squeeze(1)
     owners = sets.sum(0).clamp_min(1).view(1, -1, 1, 1).to(full.dtype)
     rules["group_average"] = (in_set.sum(1) / owners).argmax(1)
     return rules
@@ -74,7 +74,8 @@ def expert_diagnostics(model: MEDOE, dataset, device, config: MEDOEConfig, stats
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         owner = model.expert_lut[safe]
         oracle = torch.nn.functional.one_hot(owner.clamp(0, k - 1), k).permute(0, 3, 1, 2).to(full.dtype)
-        rules = _ensembles(full, sets)
+        best = full.max(2)  # each expert's top probability and class: [N, K, H, W] each
+        rules = _ensembles(full, sets, best)
         # As the model computes them: mixed at decoder resolution, then resized.
         rules["moe"] = resize((weights.unsqueeze(2) * mixed).sum(1), size).argmax(1)
         if model.config.mixing == "nested":
@@ -93,7 +94,7 @@ def expert_diagnostics(model: MEDOE, dataset, device, config: MEDOEConfig, stats
             select_mass[i] += owner_weight[mine].sum().item()
             # Calibration of expert i on the pixels it is trained on (true class in S_i).
             supervised = valid & sets[i][safe]
-            confidence, guess = full[:, i].max(1)
+            confidence, guess = best.values[:, i], best.indices[:, i]
             index = (confidence[supervised] * CALIBRATION_BINS).long().clamp_max(CALIBRATION_BINS - 1)
             bins[i, 0] += torch.bincount(index, minlength=CALIBRATION_BINS).double().cpu()
             bins[i, 1] += torch.bincount(index, confidence[supervised].double(), CALIBRATION_BINS).cpu()

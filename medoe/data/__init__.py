@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from medoe.config import GENERATED
 from medoe.data.common import IGNORE_INDEX, DatasetError, SegmentationDataset
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def build_dataset(name: str, root=None, split: str = "train", transform=None, **
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     cls = __getattr__(DATASETS[name])
-    if name in ("synthetic", "aerial"):
+    if name in GENERATED:
         # Generated on the fly: root is meaningless and ignored.
         return cls(split=split, transform=transform, **kwargs)
     if root is None:

@@ -10,25 +10,19 @@ paints equal roof paints), so a pixel is decided by shape and surroundings, not 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from medoe.data.common import PairTransform, SegmentationDataset
-from medoe.data.folder import export_folder_dataset
-from medoe.data.synthetic import _photometric, pixel_stats
+from medoe.data.generated import GeneratedScenes, generator_main
+from medoe.data.synthetic import _photometric
 
 CLASS_NAMES = ["bare ground", "grass", "road", "building", "tree", "water", "car", "swimming pool",
                "boat", "solar panel"]
 PALETTE = [(150, 130, 100), (100, 180, 70), (128, 64, 128), (220, 60, 40), (40, 110, 40),
            (40, 90, 200), (250, 210, 0), (0, 220, 220), (255, 120, 200), (120, 0, 160)]
 BARE, GRASS, ROAD, BUILDING, TREE, WATER, CAR, POOL, BOAT, SOLAR = range(len(CLASS_NAMES))
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 _ASPHALT, _CONCRETE, _SOIL = (85, 85, 88), (150, 150, 145), (150, 130, 100)
 _ROOFS = np.array([_ASPHALT, _CONCRETE, _SOIL, (165, 85, 60), (215, 215, 210), (50, 55, 62)], np.float64)
@@ -344,64 +338,15 @@ def render_scene(rng, height, width, with_image=True):
     return _photometric(rng, cv2.multiply(cv.img, cv2.merge([keep, keep, keep]), scale=1 / 255)), cv.lab
 
 
-class SyntheticAerial(SegmentationDataset):
+class SyntheticAerial(GeneratedScenes):
     class_names = CLASS_NAMES
     palette = PALETTE
-
-    def __init__(self, num_images: int = 200, height: int = 256, width: int = 512, seed: int = 0,
-                 split: str = "train", transform: PairTransform | None = None):
-        super().__init__(split, transform)
-        if num_images < 0 or height < 8 or width < 8:
-            raise ValueError(f"SyntheticAerial needs num_images >= 0 and size >= 8x8, got "
-                             f"{num_images} images of {height}x{width}")
-        self.num_images, self.height, self.width, self.seed = num_images, height, width, seed
-        # Splits get disjoint random streams; unknown split names hash to their own stream.
-        self._split_code = _SPLIT_CODES.get(split, zlib.crc32(split.encode()) + 3)
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def _rng(self, index: int) -> np.random.Generator:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"SyntheticAerial index {index} out of range 0..{self.num_images - 1}")
-        return np.random.default_rng([self.seed, self._split_code, index])
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return render_scene(self._rng(index), self.height, self.width, with_image=True)
-
-    def label_map(self, index: int) -> np.ndarray:
-        return render_scene(self._rng(index), self.height, self.width, with_image=False)[1]
-
-    def sample_name(self, index: int) -> str:
-        return f"aerial_{self.split}_{index:06d}"
+    prefix = "aerial"
+    render = staticmethod(render_scene)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medoe.data.aerial", description=__doc__.split("\n")[0])
-    parser.add_argument("--num", type=int, default=200, help="number of images")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--stats", action="store_true", help="print class pixel shares and groups")
-    parser.add_argument("--json", action="store_true", help="with --stats: print one JSON object")
-    parser.add_argument("--out", type=Path, help="write PNG pairs in the folder-dataset layout")
-    args = parser.parse_args(argv)
-    if not args.stats and args.out is None:
-        parser.error("nothing to do: give --stats and/or --out DIR")
-    dataset = SyntheticAerial(args.num, args.height, args.width, args.seed, args.split)
-    if args.out is not None:
-        export_folder_dataset(dataset, args.out)
-        print(f"wrote {len(dataset)} image/label pairs to {args.out}", file=sys.stderr)
-    if args.stats:
-        stats = pixel_stats(dataset)
-        if args.json:
-            print(json.dumps(stats))
-        else:
-            for name, share in zip(stats["classes"], stats["pixel_share"], strict=True):
-                group = next(g for g, names in stats["groups"].items() if name in names)
-                print(f"{name:>14s}  {100 * share:6.2f}%  {group}")
-    return 0
+    return generator_main(SyntheticAerial, "python -m medoe.data.aerial", __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,13 @@ pixel is decided by shape and surroundings, not by its colour alone.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
 from cityscapesscripts.helpers.labels import name2label
 
-from medoe.data.common import PairTransform, SegmentationDataset
-from medoe.data.folder import export_folder_dataset
+from medoe.data.generated import GeneratedScenes, generator_main
 
 _CHOSEN = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
            "traffic sign", "vegetation", "terrain", "sky", "person", "car", "bicycle"]
@@ -28,7 +23,6 @@ CLASS_NAMES = sorted(_CHOSEN, key=lambda name: name2label[name].trainId)
 PALETTE = [tuple(name2label[name].color) for name in CLASS_NAMES]
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON,
  CAR, BICYCLE) = range(len(CLASS_NAMES))
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 _CONCRETE = ((135, 135, 135), 40)  # shared by building, wall, pole, sidewalk, overcast sky
 _PAINTS = [(180, 30, 35), (30, 60, 165), (225, 200, 35), (225, 225, 225), (35, 35, 40),
@@ -292,87 +286,15 @@ def _photometric(rng, img):
     noise = np.frombuffer(rng.bytes(img.size), np.int8).reshape(img.shape)
     return cv2.addWeighted(lit, 1.0, noise, rng.uniform(3, 10) / 73.9, 0, dtype=cv2.CV_8U)
 
-class SyntheticStreets(SegmentationDataset):
+class SyntheticStreets(GeneratedScenes):
     class_names = CLASS_NAMES
     palette = PALETTE
-
-    def __init__(self, num_images: int = 200, height: int = 256, width: int = 512, seed: int = 0,
-                 split: str = "train", transform: PairTransform | None = None):
-        super().__init__(split, transform)
-        if num_images < 0 or height < 8 or width < 8:
-            raise ValueError(f"SyntheticStreets needs num_images >= 0 and size >= 8x8, got "
-                             f"{num_images} images of {height}x{width}")
-        self.num_images, self.height, self.width, self.seed = num_images, height, width, seed
-        # Splits get disjoint random streams; unknown split names hash to their own stream.
-        self._split_code = _SPLIT_CODES.get(split, zlib.crc32(split.encode()) + 3)
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def _rng(self, index: int) -> np.random.Generator:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"SyntheticStreets index {index} out of range 0..{self.num_images - 1}")
-        return np.random.default_rng([self.seed, self._split_code, index])
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return render_scene(self._rng(index), self.height, self.width, with_image=True)
-
-    def label_map(self, index: int) -> np.ndarray:
-        return render_scene(self._rng(index), self.height, self.width, with_image=False)[1]
-
-    def sample_name(self, index: int) -> str:
-        return f"synthetic_{self.split}_{index:06d}"
-
-
-def _groups(shares) -> dict[str, list[int]]:
-    # Head until the cumulative share reaches 0.80 (the crossing class is head), body until 0.95.
-    groups = {"head": [], "body": [], "tail": []}
-    cumulative = 0.0
-    for index in np.argsort(-np.asarray(shares), kind="stable"):
-        name = "head" if cumulative < 0.80 else "body" if cumulative < 0.95 else "tail"
-        groups[name].append(int(index))
-        cumulative += shares[index]
-    return groups
-
-
-def pixel_stats(dataset: SyntheticStreets) -> dict:
-    counts = np.zeros(256, np.int64)
-    for i in range(len(dataset)):
-        counts += np.bincount(dataset.label_map(i).ravel(), minlength=256)
-    shares = counts[: dataset.num_classes] / max(1, counts[: dataset.num_classes].sum())
-    groups = _groups(shares)
-    return {"classes": list(dataset.class_names), "pixel_share": [round(float(s), 6) for s in shares],
-            "groups": {k: [dataset.class_names[i] for i in v] for k, v in groups.items()}}
+    prefix = "synthetic"
+    render = staticmethod(render_scene)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m medoe.data.synthetic", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--num", type=int, default=200, help="number of images")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--stats", action="store_true", help="print class pixel shares and groups")
-    parser.add_argument("--json", action="store_true", help="with --stats: print one JSON object")
-    parser.add_argument("--out", type=Path, help="write PNG pairs in the folder-dataset layout")
-    args = parser.parse_args(argv)
-    if not args.stats and args.out is None:
-        parser.error("nothing to do: give --stats and/or --out DIR")
-    dataset = SyntheticStreets(args.num, args.height, args.width, args.seed, args.split)
-    if args.out is not None:
-        export_folder_dataset(dataset, args.out)
-        print(f"wrote {len(dataset)} image/label pairs to {args.out}", file=sys.stderr)
-    if args.stats:
-        stats = pixel_stats(dataset)
-        if args.json:
-            print(json.dumps(stats))
-        else:
-            for name, share in zip(stats["classes"], stats["pixel_share"], strict=True):
-                group = next(g for g, names in stats["groups"].items() if name in names)
-                print(f"{name:>14s}  {100 * share:6.2f}%  {group}")
-    return 0
+    return generator_main(SyntheticStreets, "python -m medoe.data.synthetic", __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
