@@ -1,7 +1,7 @@
 """The long-tail benchmark: baselines and MEDOE with the same backbone, data and budget, on two
 generated domains (street scenes and aerial suburbs), evaluated on their held-out `test` splits.
 
-    python -m training.benchmark                  # 300 + 200 iterations: about 90 minutes on 2 cores
+    python -m training.benchmark                  # 300 + 200 iterations: ~90 minutes on 2 cores (estimated)
     python -m training.benchmark --alpha-sweep    # + Figure 5 (three more MEDOE runs)
     python -m training.benchmark --split val --out-dir work/tune        # for tuning
     python -m training.benchmark --device cuda --iters 8000
@@ -55,7 +55,7 @@ MEDOE_RUNS = {"medoe_paper": ["--model", "medoe", *PAPER], "medoe": ["--model", 
 SHARES_STAGE1 = {"medoe": "medoe_paper"}
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
-# The CPU budget: every run, both domains, in about 90 minutes on the 2-core machine.
+# The CPU budget: every run, both domains, in an estimated 90 minutes on the 2-core machine.
 CPU_ITERS, CPU_STAGE2_ITERS = 300, 200
 STAGE2_TRAIN_IMAGES = 50  # of the decision maker's own training images, for train-vs-held-out selection
 
