@@ -41,7 +41,7 @@ train-demo: setup
 	$(PY) -m training.demo --work-dir $(DEMO_DIR)
 
 lint: setup
-	$(PY) -m ruff check medoe training export serving tests
+	$(PY) -m ruff check medoe training export serving bench tests
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

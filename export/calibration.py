@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from medoe.config import atomic_write_bytes
+from medoe.io import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

@@ -1,4 +1,4 @@
-"""The exported graph (SPEC §9) as a module, its metadata, and how both are read back.
+"""The exported graph (SPEC §9) as a module, and the metadata it carries (medoe.contract).
 
 `ExportGraph` is what every exporter traces and what the benchmark runs eagerly. Parity
 checks compare against the model's own forward (`run_model`), so a mistake in the wrapper
@@ -7,30 +7,24 @@ fails them as surely as one in the exporter.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 
 from medoe.class_stats import DEFAULT_THRESHOLDS, ClassStats, GroupSplitError, group_names
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig
+from medoe.contract import (
+    CONFIDENCE,
+    DEFAULT_OUTPUTS,
+    EXPERT_WEIGHTS,
+    GRAPH_OUTPUTS,
+    LABELS,
+    PROBS,
+    ModelMetadata,
+)
 from medoe.data.common import default_palette
 from medoe.heads import resize
-from medoe.model import MEDOE, BaselineModel, SegmentationModel
-
-INPUT = "images"
-OUTPUTS = ("labels", "confidence", "expert_weights", "probs")
-DEFAULT_OUTPUTS = ("labels", "confidence", "expert_weights")
-# Axis names of the dynamic dimensions; expert_weights' h, w are the decoder's resolution.
-DYNAMIC_AXES = {
-    "images": {0: "batch", 1: "height", 2: "width"},
-    "labels": {0: "batch", 1: "height", 2: "width"},
-    "confidence": {0: "batch", 1: "height", 2: "width"},
-    "expert_weights": {0: "batch", 2: "feature_height", 3: "feature_width"},
-    "probs": {0: "batch", 2: "height", 3: "width"},
-}
+from medoe.model import MEDOE, BaselineModel, Segmentation, SegmentationModel
 
 
 class ExportGraph(nn.Module):
@@ -45,13 +39,11 @@ class ExportGraph(nn.Module):
         # The model normalises 0..255 floats itself; only layout and dtype change here.
         # contiguous(): eager PyTorch would otherwise run the network in channels-last strides.
         pixels = images.permute(0, 3, 1, 2).to(torch.float32).contiguous()
-        if isinstance(self.model, BaselineModel) and "probs" not in self.outputs:
+        if isinstance(self.model, BaselineModel) and PROBS not in self.outputs:
             values = self._baseline_without_probs(pixels)
         else:
-            result = self.model(pixels)
-            values = {"labels": result.labels, "confidence": result.confidence,
-                      "expert_weights": result.expert_weights, "probs": result.probs}
-        values["labels"] = values["labels"].to(torch.uint8)
+            values = by_name(self.model(pixels))
+        values[LABELS] = values[LABELS].to(torch.uint8)
         return tuple(values[name] for name in self.outputs)
 
     def _baseline_without_probs(self, pixels: Tensor) -> dict[str, Tensor]:
@@ -60,17 +52,23 @@ class ExportGraph(nn.Module):
         # onnxruntime's channel-axis Softmax took 2/3 of the baseline's time at 512x1024.
         logits = resize(self.model.logits(pixels), pixels.shape[-2:])
         top, labels = logits.max(dim=1)
-        return {"labels": labels, "confidence": 1 / torch.exp(logits - top.unsqueeze(1)).sum(dim=1)}
+        return {LABELS: labels, CONFIDENCE: 1 / torch.exp(logits - top.unsqueeze(1)).sum(dim=1)}
+
+
+def by_name(result: Segmentation) -> dict[str, Tensor]:
+    """The model's forward result under the graph's output names."""
+    return {LABELS: result.labels, CONFIDENCE: result.confidence, EXPERT_WEIGHTS: result.expert_weights,
+            PROBS: result.probs}
 
 
 def choose_outputs(model: SegmentationModel, requested: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     is_medoe = isinstance(model, MEDOE)
     if requested is None:
-        return tuple(n for n in DEFAULT_OUTPUTS if is_medoe or n != "expert_weights")
-    unknown = [n for n in requested if n not in OUTPUTS]
+        return tuple(n for n in DEFAULT_OUTPUTS if is_medoe or n != EXPERT_WEIGHTS)
+    unknown = [n for n in requested if n not in GRAPH_OUTPUTS]
     if unknown:
-        raise ValueError(f"unknown output(s) {unknown}, choose from {list(OUTPUTS)}")
-    if "expert_weights" in requested and not is_medoe:
+        raise ValueError(f"unknown output(s) {unknown}, choose from {list(GRAPH_OUTPUTS)}")
+    if EXPERT_WEIGHTS in requested and not is_medoe:
         raise ValueError(f"a {model.config.model!r} checkpoint has one decoder and no expert_weights output")
     if len(set(requested)) != len(requested):
         raise ValueError(f"output listed twice in {list(requested)}")
@@ -83,7 +81,7 @@ def build_graph(model: SegmentationModel, outputs=None) -> ExportGraph:
     return ExportGraph(model, choose_outputs(model, outputs)).eval()
 
 
-def class_groups(config: MEDOEConfig, stats: ClassStats | None, model: SegmentationModel) -> dict[str, list[int]]:
+def class_groups(config: ModelConfig, stats: ClassStats | None, model: SegmentationModel) -> dict[str, list[int]]:
     """Head/body/tail class indices: from the training pixel counts at (0.80, 0.95)."""
     if stats is not None:
         try:
@@ -96,59 +94,26 @@ def class_groups(config: MEDOEConfig, stats: ClassStats | None, model: Segmentat
     return {}
 
 
-def graph_metadata(model: SegmentationModel, stats: ClassStats | None, outputs: tuple[str, ...]) -> dict[str, str]:
-    """ONNX metadata props (and Triton `parameters`): every value a string, JSON where structured."""
+def graph_metadata(model: SegmentationModel, stats: ClassStats | None, outputs: tuple[str, ...]) -> ModelMetadata:
+    """What the exported graph says about itself (medoe.contract writes it into the graph)."""
     config = model.config
     names = config.class_names or (stats.class_names if stats else []) or [f"class{i}" for i in range(config.num_classes)]
     palette = config.palette or [list(c) for c in default_palette(config.num_classes)]
     is_medoe = isinstance(model, MEDOE)
-    return {
-        "model_type": config.model,
-        "backbone": config.backbone,
-        "context": config.context,
-        "num_classes": str(config.num_classes),
-        "class_names": json.dumps(list(names)),
-        "palette": json.dumps([[int(v) for v in c] for c in palette]),
-        "groups": json.dumps(class_groups(config, stats, model)),
-        "group_thresholds": json.dumps(list(DEFAULT_THRESHOLDS)),
-        "num_experts": str(model.num_experts if is_medoe else 0),
-        "expert_groups": json.dumps(model.groups() if is_medoe else []),
-        "input": "images: uint8 [N, H, W, 3] RGB 0..255 (normalisation is inside the graph)",
-        "outputs": json.dumps(list(outputs)),
-    }
-
-
-JSON_KEYS = ("class_names", "palette", "groups", "group_thresholds", "expert_groups", "outputs")
-INT_KEYS = ("num_classes", "num_experts")
-
-
-def decode_metadata(props: dict[str, str]) -> dict:
-    decoded: dict = dict(props)
-    for key in JSON_KEYS:
-        if key in decoded:
-            decoded[key] = json.loads(decoded[key])
-    for key in INT_KEYS:
-        if key in decoded:
-            decoded[key] = int(decoded[key])
-    return decoded
-
-
-def read_metadata(model: onnx.ModelProto) -> dict:
-    return decode_metadata({p.key: p.value for p in model.metadata_props})
-
-
-def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
-    del model.metadata_props[:]
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
+    return ModelMetadata(
+        model_type=config.model, backbone=config.backbone, context=config.context, num_classes=config.num_classes,
+        class_names=list(names), palette=[[int(v) for v in c] for c in palette],
+        groups=class_groups(config, stats, model), group_thresholds=list(DEFAULT_THRESHOLDS),
+        num_experts=model.num_experts if is_medoe else 0, expert_groups=model.groups() if is_medoe else [],
+        outputs=list(outputs))
 
 
 @torch.inference_mode()
 def run_model(model: SegmentationModel, images: np.ndarray, outputs) -> dict[str, np.ndarray]:
     """The reference: the model's own forward, independent of ExportGraph's code."""
     result = model(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float())
-    values = {"labels": result.labels.to(torch.uint8), "confidence": result.confidence,
-              "expert_weights": result.expert_weights, "probs": result.probs}
+    values = by_name(result)
+    values[LABELS] = values[LABELS].to(torch.uint8)
     return {name: values[name].numpy() for name in outputs}
 
 

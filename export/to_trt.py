@@ -21,12 +21,14 @@ import onnx
 if __package__ in (None, ""):  # run as `python export/to_trt.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from export import CliParser
 from export.calibration import CalibrationImages
-from export.graph import INPUT, random_images, read_metadata
-from export.to_onnx import Parity, onnxruntime_session, prepare_output, run_onnxruntime
+from export.graph import random_images
+from export.parity import Parity, run_onnxruntime
 from export.triton_config import triton_model_dir, write_triton_config
-from medoe.config import atomic_write_bytes
+from medoe.cli import CliParser, parse_dims
+from medoe.contract import IMAGES, read_graph_metadata
+from medoe.io import atomic_write_bytes, check_writable
+from serving.ort_memory import cpu_session
 
 Shape = tuple[int, int, int, int]
 # Engine vs onnxruntime (fp32 on CPU): max |delta| of float outputs, label agreement.
@@ -38,10 +40,7 @@ class Missing(RuntimeError):
 
 
 def parse_shape(text: str) -> Shape:
-    parts = text.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"shape {text!r}: expected NxHxWx3 with positive integers, e.g. 1x512x1024x3")
-    shape = tuple(int(p) for p in parts)
+    shape = parse_dims(text, "NxHxWx3", "shape")
     if shape[3] != 3:
         raise ValueError(f"shape {text!r}: the last dimension is the 3 RGB channels (images are NHWC), got {shape[3]}")
     return shape  # type: ignore[return-value]
@@ -55,7 +54,7 @@ def check_profile(low: Shape, opt: Shape, high: Shape, graph_dims: list[int] | N
                              f"{low[axis]}, {opt[axis]}, {high[axis]}")
     if graph_dims is not None:
         if len(graph_dims) != 4:
-            raise ValueError(f"the ONNX input {INPUT!r} has {len(graph_dims)} dimensions, expected 4 (NHWC)")
+            raise ValueError(f"the ONNX input {IMAGES!r} has {len(graph_dims)} dimensions, expected 4 (NHWC)")
         for axis, fixed in enumerate(graph_dims):
             if fixed > 0 and not low[axis] == opt[axis] == high[axis] == fixed:
                 raise ValueError(f"the ONNX input fixes {names[axis]} = {fixed}; the profile must use it everywhere")
@@ -103,7 +102,7 @@ def build_engine(trt, onnx_path: Path, shapes: tuple[Shape, Shape, Shape], args,
     # gets min and max (requests outside are refused) and opt, the shape TensorRT times its
     # kernels for; one profile here, so one engine serves every batch and size in the range.
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT, *shapes)
+    profile.set_shape(IMAGES, *shapes)
     config.add_optimization_profile(profile)
     if not args.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 convolutions drift by ~1e-3 from fp32
@@ -113,7 +112,7 @@ def build_engine(trt, onnx_path: Path, shapes: tuple[Shape, Shape, Shape], args,
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = calibrator
         calibration = builder.create_optimization_profile()
-        calibration.set_shape(INPUT, shapes[1], shapes[1], shapes[1])  # calibrate at opt
+        calibration.set_shape(IMAGES, shapes[1], shapes[1], shapes[1])  # calibrate at opt
         config.set_calibration_profile(calibration)
     cache_path = Path(args.timing_cache) if args.timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
@@ -148,8 +147,8 @@ class EngineRunner:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         device_images = torch.from_numpy(images).cuda()
-        self.context.set_input_shape(INPUT, tuple(images.shape))
-        self.context.set_tensor_address(INPUT, device_images.data_ptr())
+        self.context.set_input_shape(IMAGES, tuple(images.shape))
+        self.context.set_tensor_address(IMAGES, device_images.data_ptr())
         results = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -220,14 +219,15 @@ def main(argv=None) -> int:
             graph = onnx.load(str(onnx_path), load_external_data=False)
         except Exception as err:
             raise ValueError(f"{onnx_path} is not a readable ONNX file ({type(err).__name__})") from None
-        inputs = [v for v in graph.graph.input if v.name == INPUT]
+        inputs = [v for v in graph.graph.input if v.name == IMAGES]
         if not inputs:
-            raise ValueError(f"{onnx_path} has no input named {INPUT!r}; export it with export/to_onnx.py")
+            raise ValueError(f"{onnx_path} has no input named {IMAGES!r}; export it with export/to_onnx.py")
         check_profile(*shapes, [d.dim_value for d in inputs[0].type.tensor_type.shape.dim])
+        metadata = read_graph_metadata(graph)  # class names and groups for the parity report
         images = None
         if args.int8:
             images = CalibrationImages(args.calib_dir, shapes[1], args.calib_images)
-        prepare_output(out)
+        check_writable(out)
     except ValueError as err:
         return fail(str(err), 2)
     except OSError as err:
@@ -252,11 +252,10 @@ def main(argv=None) -> int:
           + " / ".join("x".join(map(str, s)) for s in shapes))
     if args.check:
         atol, agreement = TOLERANCES[mode]
-        metadata = read_metadata(graph)
-        parity = Parity(metadata.get("class_names", []) or [str(c) for c in range(256)], metadata.get("groups", {}),
+        parity = Parity(metadata.class_names, metadata.groups,
                         args.atol if args.atol is not None else atol,
                         args.min_agreement if args.min_agreement is not None else agreement)
-        engine, session = EngineRunner(trt, plan), onnxruntime_session(onnx_path)
+        engine, session = EngineRunner(trt, plan), cpu_session(onnx_path)
         names = [o.name for o in graph.graph.output]
         for index, shape in enumerate(check_shapes(*shapes)):
             sample = random_images(*shape[:3], seed=index)

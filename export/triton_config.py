@@ -24,8 +24,9 @@ from onnx import TensorProto
 if __package__ in (None, ""):  # run as `python export/triton_config.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from export import CliParser
-from medoe.config import atomic_write_text
+from medoe.cli import CliParser, parse_dims
+from medoe.contract import graph_props
+from medoe.io import atomic_write_text
 from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
 from serving.ort_memory import ARENA_MAX_PIXELS
 
@@ -153,7 +154,7 @@ def write_triton_config(
         onnx_model = onnx.load(str(onnx_model), load_external_data=False)
     model_dir = Path(model_dir)
     inputs, outputs = onnx_io(onnx_model)
-    parameters = {p.key: p.value for p in onnx_model.metadata_props}
+    parameters = graph_props(onnx_model)  # copied as they are: the client and postprocess read them
     max_pixels = options.pop("max_pixels", DEFAULT_MAX_PIXELS)
     max_batch_pixels = options.pop("max_batch_pixels", DEFAULT_MAX_BATCH_PIXELS)
     arena_max_pixels = options.pop("arena_max_pixels", ARENA_MAX_PIXELS)
@@ -172,14 +173,7 @@ def write_triton_config(
 
 
 def parse_warmup(text: str) -> tuple[int, int, int]:
-    parts = text.lower().split("x")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError(f"--warmup {text!r}: expected NxHxW with positive integers, e.g. 1x512x1024")
-    return values  # type: ignore[return-value]
+    return parse_dims(text, "NxHxW", "--warmup")  # type: ignore[return-value]
 
 
 def get_args(argv=None) -> argparse.Namespace:

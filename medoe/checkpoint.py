@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medoe.class_stats import ClassStats
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig, TrainConfig
 from medoe.model import SegmentationModel, build_model
 
 WEIGHTS, CONFIG, CLASS_STATS, TRAIN_STATE = "model.safetensors", "config.json", "class_stats.json", "train_state.pt"
@@ -35,7 +35,8 @@ class CheckpointError(ValueError):
 
 class Checkpoint(NamedTuple):
     model: SegmentationModel
-    config: MEDOEConfig
+    config: ModelConfig  # the network's config (model.config): all that export and serving need
+    run: TrainConfig  # the training run it came from (defaults where the checkpoint holds none)
     class_stats: ClassStats | None
     train_state: dict[str, Any] | None
 
@@ -45,7 +46,12 @@ def save_checkpoint(
     model: SegmentationModel,
     class_stats: ClassStats | None = None,
     train_state: dict[str, Any] | None = None,
+    run: TrainConfig | None = None,
 ) -> Path:
+    """`run` (whose network must be the model's) goes into config.json beside the network;
+    without it config.json holds the network's fields alone."""
+    if run is not None and run.network != model.config:
+        raise ValueError("save_checkpoint: run.network differs from the model's config")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # A run killed mid-save leaves its hidden staging folder behind; one writer per checkpoint
@@ -56,7 +62,7 @@ def save_checkpoint(
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS), metadata={"format": "medoe"})
-        model.config.save(staging / CONFIG)
+        (run or TrainConfig(network=model.config)).save(staging / CONFIG)
         if class_stats is not None:
             class_stats.save(staging / CLASS_STATS)
         if train_state is not None:
@@ -114,16 +120,14 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", t
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory} is not a checkpoint: {name} is missing")
     try:
-        config = MEDOEConfig.load(directory / CONFIG)
+        run = TrainConfig.load(directory / CONFIG)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{directory / CONFIG}: {err}") from None
-    # Rebuild without the ImageNet file: the checkpoint's weights replace it anyway.
-    config = config.replace(pretrained="")
     try:
         weights = load_file(str(directory / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{directory / WEIGHTS} is not a readable safetensors file: {err}") from None
-    model = build_model(config).to(device)
+    model = build_model(run.network).to(device)  # no ImageNet file: the checkpoint's weights replace it
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -146,4 +150,4 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", t
         except Exception as err:  # an unpickling refusal or a torn file: both mean "not usable"
             raise CheckpointError(f"{directory / TRAIN_STATE} refused: {str(err).splitlines()[0]}") from None
     model.eval()
-    return Checkpoint(model, config, stats, state)
+    return Checkpoint(model, run.network, run, stats, state)

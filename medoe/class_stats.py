@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medoe.config import atomic_write_text
+from medoe.io import atomic_write_text
 
 DEFAULT_THRESHOLDS = (0.80, 0.95)
 GROUP_NAMES = ("head", "body", "tail")

@@ -1,7 +1,10 @@
-"""One flat config for model, data and training, saved inside every checkpoint.
+"""The network's config and the training run's, saved together inside every checkpoint.
 
-Any program rebuilds the model from a checkpoint's `config.json` alone (as nanoGPT does),
-so everything the network's shape depends on lives here, with the training recipe beside it.
+`ModelConfig` holds only what rebuilds the network and names its classes (as nanoGPT's
+`GPTConfig` does): export and serving see nothing else. `TrainConfig` is one training run: its
+`network` plus data, losses and schedule. Both are written flat into a checkpoint's (and a
+config file's) `config.json`, one JSON object of field -> value; any program rebuilds the model
+from that file alone.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import functools
 import itertools
 import json
 import math
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from medoe.io import atomic_write_text
 
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
 MIXINGS = ("paper", "nested")
@@ -26,12 +29,35 @@ CONTEXTS = ("aspp", "ppm", "ocr", "light")
 OPTIMIZERS = ("sgd", "adamw")
 DATASETS = ("synthetic", "aerial", "cityscapes", "ade20k", "folder")  # medoe.data.DATASETS, without importing the loaders
 GENERATED = ("synthetic", "aerial")  # drawn on the fly from (seed, split, index): same-size images, no root
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the named configs of `--config NAME`
+
+
+class _Checked:
+    """Every field's type checked from its annotation, then its range from RULES, on creation:
+    a bad config is refused when it is read, not with a TypeError once training has begun."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            if f.name in NESTED:
+                continue
+            value, hint = getattr(self, f.name), hints[f.name]
+            rule, expected = RULES.get(f.name, (None, _describe(hint)))
+            _check(_matches(value, hint), f"{f.name}={value!r}, expected {expected}")
+            _check(rule is None or rule(value), f"{f.name}={value!r}, expected {expected}")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
-class MEDOEConfig:
-    # --- model -------------------------------------------------------------------------
-    model: str = "medoe"  # medoe | baseline | focal | reweight (the last three: one decoder)
+class ModelConfig(_Checked):
+    """What rebuilds the network: its shape, its classes and its input normalisation."""
+
+    model: str = "medoe"  # medoe | baseline | focal | reweight (the last three: one decoder, differing in their loss)
     backbone: str = "resnet50c"  # tiny | resnet18c | resnet50c | resnet101c
     output_stride: int = 8  # 8 or 16: later ResNet stages are dilated instead of strided
     context: str = "aspp"  # context module of expert 1 (and of the baselines): aspp | ppm | ocr | light
@@ -43,15 +69,43 @@ class MEDOEConfig:
     decision_kernel: int = 1  # its first conv's size: 1 = one pixel's K*C probabilities (paper), 3 = a 3x3 neighbourhood
     mixing: str = "paper"  # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
     dropout: float = 0.1  # dropout before each 1x1 classifier
-    pretrained: str = ""  # local ImageNet state dict (torchvision/timm/mmseg layout); "" = random init
-    # --- classes -------------------------------------------------------------------------
     num_classes: int = 19  # C; every expert predicts all C classes so outputs can be ensembled
     class_names: list[str] = field(default_factory=list)  # C names, index order
     palette: list[list[int]] = field(default_factory=list)  # C RGB colours, index order
-    ignore_index: int = 255  # label value that losses and metrics skip
+    ignore_index: int = 255  # label value that is no class: losses, metrics and the expert lookup skip it
     group_thresholds: list[float] = field(default_factory=lambda: [0.80, 0.95])  # K-1 cumulative pixel shares
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB mean on 0..255 input
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])  # RGB std on 0..255 input
+
+    def validate(self) -> None:
+        super().validate()
+        k = self.num_experts
+        _check(len(self.group_thresholds) == k - 1 or self.model != "medoe",
+               f"group_thresholds={self.group_thresholds}, expected K-1 = {k - 1} values for num_experts={k}")
+        for name in ("class_names", "palette"):
+            values = getattr(self, name)
+            _check(not values or len(values) == self.num_classes,
+                   f"{name} has {len(values)} entries, expected num_classes={self.num_classes} (or none)")
+        _check(self.ignore_index >= self.num_classes,
+               f"ignore_index={self.ignore_index}, expected a value >= num_classes={self.num_classes} (255): it is a class id")
+
+    @property
+    def is_medoe(self) -> bool:
+        return self.model == "medoe"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+@dataclass
+class TrainConfig(_Checked):
+    """One training run: the network it trains and how (data, losses, schedule)."""
+
+    network: ModelConfig = field(default_factory=ModelConfig)
+    pretrained: str = ""  # local ImageNet state dict for the backbone (torchvision/timm/mmseg layout); "" = random init
     # --- losses --------------------------------------------------------------------------
     alpha: float = 0.2  # weight of the auxiliary (L2 + KL) term in every expert's stage-1 loss
     expert_balance: float = 0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
@@ -66,7 +120,7 @@ class MEDOEConfig:
     synthetic_size: list[int] = field(default_factory=lambda: [256, 512])  # generated (synthetic, aerial) image size, H W
     synthetic_train_images: int = 2000  # synthetic images per epoch (generated on the fly)
     synthetic_val_images: int = 100  # held-out synthetic images
-    # --- training ------------------------------------------------------------------------
+    # --- schedule ------------------------------------------------------------------------
     optimizer: str = "sgd"  # sgd (CNN recipe) | adamw (transformer recipe)
     lr: float = 0.01  # initial learning rate, poly-decayed
     momentum: float = 0.9  # SGD momentum
@@ -80,60 +134,41 @@ class MEDOEConfig:
     seed: int = 0  # seeds data order, augmentation and initialisation
     amp: bool = True  # automatic mixed precision, used on CUDA only
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
-        """Types first (from the annotations), then ranges, then what fields need of each other:
-        a bad config is refused when it is read, not with a TypeError once training has begun."""
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"invalid config: {message}")
+        _check(isinstance(self.network, ModelConfig), f"network={self.network!r}, expected a ModelConfig")
+        super().validate()
 
-        hints = _field_types(type(self))
-        for f in dataclasses.fields(self):
-            value, hint = getattr(self, f.name), hints[f.name]
-            rule, expected = RULES.get(f.name, (None, _describe(hint)))
-            check(_matches(value, hint), f"{f.name}={value!r}, expected {expected}")
-            check(rule is None or rule(value), f"{f.name}={value!r}, expected {expected}")
-        k = self.num_experts
-        check(
-            len(self.group_thresholds) == k - 1 or self.model != "medoe",
-            f"group_thresholds={self.group_thresholds}, expected K-1 = {k - 1} values for num_experts={k}",
-        )
-        for name in ("class_names", "palette"):
-            values = getattr(self, name)
-            check(not values or len(values) == self.num_classes,
-                  f"{name} has {len(values)} entries, expected num_classes={self.num_classes} (or none)")
-        check(
-            self.ignore_index >= self.num_classes,
-            f"ignore_index={self.ignore_index}, expected a value >= num_classes={self.num_classes} (255): it is a class id",
-        )
-
-    @property
-    def is_medoe(self) -> bool:
-        return self.model == "medoe"
-
-    def replace(self, **changes) -> MEDOEConfig:
+    def replace(self, **changes) -> TrainConfig:
+        """Flat field names, as in config.json: network fields go to `network`."""
+        network = {k: changes.pop(k) for k in list(changes) if k in MODEL_FIELDS}
+        if network:
+            changes["network"] = self.network.replace(**network)
         return dataclasses.replace(self, **changes)
 
+    @property
+    def stage2_steps(self) -> int:
+        return self.stage2_iters or max(1, self.iters // 10)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat: the network's fields first, then the run's."""
+        values = dataclasses.asdict(self)
+        return {**values.pop("network"), **values}
 
     @classmethod
-    def from_dict(cls, values: dict) -> MEDOEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        for name in sorted(set(values) - known):
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = set(MODEL_FIELDS) | {f.name for f in dataclasses.fields(cls)} - {"network"}
+        for name in sorted(set(values) - known, key=str):
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"invalid config: unknown field {name!r}{hint}")
-        return cls(**values)
+        network = ModelConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
+        return cls(network=network, **{k: v for k, v in values.items() if k not in MODEL_FIELDS})
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> MEDOEConfig:
+    def load(cls, path: str | Path) -> TrainConfig:
         try:
             values = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -143,6 +178,28 @@ class MEDOEConfig:
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
         return cls.from_dict(values)
+
+
+def load_config(name_or_path: str) -> TrainConfig:
+    """A config file holds only the fields that differ from the defaults above."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise ValueError(f"config {name_or_path!r} not found; known configs: {', '.join(known)}")
+    try:
+        return TrainConfig.load(path)  # checks every field's type and range, before any dataset is built
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid config: {message}")
+
+
+NESTED = ("network",)
 
 
 # --- checks ----------------------------------------------------------------------------
@@ -238,24 +295,3 @@ def _describe(hint, plural: bool = False) -> str:
              str: ("a string", "strings"), type(None): ("null", "nulls")}
     single, many = names.get(hint, (f"a {getattr(hint, '__name__', hint)}", f"{getattr(hint, '__name__', hint)} values"))
     return many if plural else single
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    # Write beside the target and rename: a reader never sees a half-written file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

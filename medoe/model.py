@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from medoe.backbones import ResNetC, load_imagenet_weights
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig
 from medoe.heads import build_context, resize
 
 
@@ -60,15 +60,12 @@ class DecisionMaker(nn.Module):
 class SegmentationModel(nn.Module):
     """What both models share: input checks, normalisation and the backbone."""
 
-    def __init__(self, config: MEDOEConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.backbone = ResNetC(config.backbone, config.output_stride)
-        self.load_report = None
-        if config.pretrained:
-            self.load_report = load_imagenet_weights(self.backbone, config.pretrained)
 
     def features(self, images: Tensor) -> list[Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -89,7 +86,7 @@ class SegmentationModel(nn.Module):
 class BaselineModel(SegmentationModel):
     """One context module + classifier: the `baseline`, `focal` and `reweight` models."""
 
-    def __init__(self, config: MEDOEConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__(config)
         in_channels = self.backbone.channels
         context = build_context(config.context, in_channels, config.decoder_channels, config.num_classes, config.output_stride)
@@ -105,7 +102,7 @@ class BaselineModel(SegmentationModel):
 
 
 class MEDOE(SegmentationModel):
-    def __init__(self, config: MEDOEConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__(config)
         if not config.is_medoe:
             raise ValueError(f"MEDOE needs config.model='medoe', got {config.model!r}; use build_model()")
@@ -123,7 +120,7 @@ class MEDOE(SegmentationModel):
         self.set_stage(1)
 
     @staticmethod
-    def new_decision_maker(config: MEDOEConfig) -> DecisionMaker:
+    def new_decision_maker(config: ModelConfig) -> DecisionMaker:
         decision = DecisionMaker(config.num_experts, config.num_classes, config.decision_hidden, config.decision_kernel)
         if config.mixing == "nested":  # start from the chain-rule prior alone
             nn.init.zeros_(decision.net[-1].weight)
@@ -244,8 +241,12 @@ class MEDOE(SegmentationModel):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def build_model(config: MEDOEConfig) -> SegmentationModel:
-    return MEDOE(config) if config.is_medoe else BaselineModel(config)
+def build_model(config: ModelConfig, pretrained: str = "") -> SegmentationModel:
+    """The network of `config`; `pretrained` is a local ImageNet state dict for its backbone,
+    whose load report (unused, missing and mismatched keys) is kept as `model.load_report`."""
+    model = MEDOE(config) if config.is_medoe else BaselineModel(config)
+    model.load_report = load_imagenet_weights(model.backbone, pretrained) if pretrained else None
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

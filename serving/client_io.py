@@ -134,11 +134,11 @@ def decode(name: str, data: bytes) -> np.ndarray:
 
 def check_against_onnx(results: list[Result], items: list[tuple[str, bytes]], onnx_path: str | Path) -> float:
     """Fraction of pixels whose server label equals in-process onnxruntime's on `onnx_path`."""
-    import onnxruntime as ort
+    from serving.ort_memory import cpu_session  # onnxruntime: only for --check
 
     if not Path(onnx_path).is_file():
         raise ClientError(f"--check: no ONNX file at {onnx_path}", 2)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path)
     same = total = 0
     for result, (name, data) in zip(results, items, strict=True):
         image = result.image if result.image is not None else decode(name, data)

@@ -25,7 +25,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from export import CliParser
+from medoe.cli import CliParser
 from serving import demo_views as views
 from serving.client import ClientError, get_metadata, segment_images
 from serving.decode import decode_image

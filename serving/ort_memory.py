@@ -31,13 +31,23 @@ ARENA_MAX_PIXELS = 8 * 512 * 1024
 TRIM_DELAY_S = 1.0
 
 
-def session_options(arena: bool) -> ort.SessionOptions:
+def session_options(arena: bool = True, threads: int | None = None, profile_prefix: str = "") -> ort.SessionOptions:
+    """The one place SessionOptions are made: the server, export's parity check, the benchmarks."""
     options = ort.SessionOptions()
     # One Triton instance per process; leave threads to onnxruntime unless told (SERVING_ORT_THREADS).
-    options.intra_op_num_threads = int(os.environ.get("SERVING_ORT_THREADS", "0"))
+    options.intra_op_num_threads = int(os.environ.get("SERVING_ORT_THREADS", "0")) if threads is None else threads
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = arena
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     return options
+
+
+def cpu_session(model: bytes | str | os.PathLike, threads: int | None = None, arena: bool = True,
+                profile_prefix: str = "") -> ort.InferenceSession:
+    """A CPU session of a graph given as bytes or a path."""
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, session_options(arena, threads, profile_prefix), providers=["CPUExecutionProvider"])
 
 
 def malloc_trim():
@@ -58,7 +68,7 @@ class MemorySession:
 
     def __init__(self, path: str, arena_max_pixels: int = ARENA_MAX_PIXELS):
         self.path = path
-        self.arena = ort.InferenceSession(path, session_options(arena=True), providers=["CPUExecutionProvider"])
+        self.arena = cpu_session(path, arena=True)
         # A second copy of the weights and its own thread pool, made on the first large call only.
         self._no_arena: ort.InferenceSession | None = None
         self.arena_max_pixels = arena_max_pixels
@@ -67,7 +77,7 @@ class MemorySession:
     @property
     def no_arena(self) -> ort.InferenceSession:
         if self._no_arena is None:
-            self._no_arena = ort.InferenceSession(self.path, session_options(arena=False), providers=["CPUExecutionProvider"])
+            self._no_arena = cpu_session(self.path, arena=False)
         return self._no_arena
 
     def get_inputs(self):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from medoe.cli import parse_dims
+
 
 def palette_array(palette, num_entries: int = 256) -> np.ndarray:
     """[C, 3] palette padded with black to 256 rows, so any uint8 label indexes it safely."""
@@ -82,13 +84,7 @@ def parse_working_size(text: str) -> tuple[int, int] | None:
     """`"HxW"` -> (H, W); `""` -> None (keep each image's own size)."""
     if not text.strip():
         return None
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"working_size {text!r}: expected HxW, e.g. 512x1024, or empty") from None
-    if height < 32 or width < 32:
-        raise ValueError(f"working_size {text!r}: both sides must be at least 32")
-    return height, width
+    return parse_dims(text, "HxW", "working_size", minimum=32)  # type: ignore[return-value]
 
 
 def resize_to_working_size(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

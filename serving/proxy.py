@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     text = json.dumps(container_config(), indent=2) + "\n"
     if args.write:
-        from medoe.config import atomic_write_text
+        from medoe.io import atomic_write_text
 
         atomic_write_text(CONTAINER_CONFIG, text)
     else:

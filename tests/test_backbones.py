@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from medoe.backbones import ResNetC, load_imagenet_weights
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig
 from medoe.model import build_model
 
 
@@ -64,7 +64,7 @@ def test_missing_file_is_a_clear_error_and_config_loads_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         load_imagenet_weights(ResNetC("tiny"), tmp_path / "absent.pth")
     torch.save(ResNetC("tiny").state_dict(), tmp_path / "tiny.pth")
-    model = build_model(MEDOEConfig(backbone="tiny", num_classes=3, pretrained=str(tmp_path / "tiny.pth")))
+    model = build_model(ModelConfig(backbone="tiny", num_classes=3), pretrained=str(tmp_path / "tiny.pth"))
     assert model.load_report.missing == []
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from medoe.checkpoint import CheckpointError, load_checkpoint
-from medoe.config import MEDOEConfig
+from medoe.config import CONFIG_DIR, TrainConfig, load_config
 from training import train
-from training.common import CONFIG_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def write(tmp_path, values: dict) -> Path:
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_round_trips(path):
     config = load_config(str(path))
-    assert MEDOEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert load_config(path.stem) == config
 
 
@@ -61,7 +60,7 @@ def test_the_loader_refuses_a_bad_value_naming_the_field(tmp_path, field, value)
 @pytest.mark.parametrize("field, value", [("iters", "many"), ("lr", "0.05"), ("alpha", 2.0), ("amp", "no")])
 def test_the_dataclass_refuses_a_bad_value(field, value):
     with pytest.raises(ValueError, match=f"^invalid config: {field}="):
-        MEDOEConfig(**{field: value})
+        TrainConfig(**{field: value})
 
 
 def test_the_message_names_value_and_expectation(tmp_path):
@@ -122,7 +121,7 @@ def test_the_dataset_choices_are_the_loaders():
 
 
 def test_the_benchmark_refuses_a_bad_config_before_training(tmp_path, capsys):
-    from training import benchmark
+    from bench import longtail as benchmark
 
     work = tmp_path / "w"
     path = write(tmp_path, {"lr": "0.05"})

@@ -43,9 +43,9 @@ def loaded(checkpoint):
 
 @pytest.fixture(scope="module")
 def whole_metrics(loaded):
-    dataset = get_dataset(loaded.config, "val")
+    dataset = get_dataset(loaded.run, "val")
     # Positional call, as train.py and benchmark.py make it.
-    return evaluate.evaluate(loaded.model, dataset, torch.device("cpu"), loaded.config, loaded.class_stats)
+    return evaluate.evaluate(loaded.model, dataset, torch.device("cpu"), loaded.run, loaded.class_stats)
 
 
 class PixelwiseModel(nn.Module):
@@ -95,8 +95,8 @@ def test_slide_with_a_real_checkpoint_on_a_larger_image(loaded):
     images = torch.rand(1, 3, 96, 200) * 255
     labels = torch.randint(0, loaded.config.num_classes, (1, 96, 200))
     with torch.no_grad():
-        out = slide_inference(lambda x, _: model(x), images, loaded.config.crop_size)
-        oracle = slide_inference(model.oracle, images, loaded.config.crop_size, labels)
+        out = slide_inference(lambda x, _: model(x), images, loaded.run.crop_size)
+        oracle = slide_inference(model.oracle, images, loaded.run.crop_size, labels)
     for result in (out, oracle):
         assert result.labels.shape == (1, 96, 200) and result.confidence.shape == (1, 96, 200)
         # Overlaps are averaged, not summed: still a distribution at every pixel.
@@ -106,7 +106,7 @@ def test_slide_with_a_real_checkpoint_on_a_larger_image(loaded):
 
 
 def test_slide_equals_whole_when_the_crop_covers_the_image(loaded, whole_metrics):
-    model, config, stats = loaded.model, loaded.config, loaded.class_stats
+    model, config, stats = loaded.model, loaded.run, loaded.class_stats
     dataset = get_dataset(config, "val")
     images, labels = (torch.stack(t) for t in zip(*[dataset[i] for i in range(2)], strict=True))
     with torch.no_grad():

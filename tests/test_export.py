@@ -14,13 +14,14 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import to_onnx
-from export.graph import random_images, read_metadata, run_model
+from export.graph import random_images, run_model
 from medoe.checkpoint import load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig
+from medoe.contract import read_graph_metadata
 from medoe.model import build_model
 from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
-from serving.ort_memory import ARENA_MAX_PIXELS
+from serving.ort_memory import ARENA_MAX_PIXELS, cpu_session
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["road", "car", "person", "sign", "bike"]
@@ -29,7 +30,7 @@ SMALL = ["--verify-sizes", "48x64", "37x45", "64x80", "--verify-batches", "1", "
 
 
 def make_checkpoint(directory: Path, model_type: str = "medoe", context: str = "aspp") -> Path:
-    config = MEDOEConfig(model=model_type, backbone="tiny", context=context, num_classes=5, decoder_channels=8,
+    config = ModelConfig(model=model_type, backbone="tiny", context=context, num_classes=5, decoder_channels=8,
                          decision_hidden=8, class_names=NAMES, palette=[[i * 40, 255 - i * 40, 7] for i in range(5)])
     torch.manual_seed(0)
     model = build_model(config).eval()
@@ -88,7 +89,7 @@ def test_export_matches_pytorch_at_sizes_other_than_the_traced_one(tmp_path, cap
     assert [o.name for o in model.graph.output] == names
 
     # An independent check at a size and batch the command did not use.
-    session = to_onnx.onnxruntime_session(out)
+    session = cpu_session(out)
     images = random_images(2, 41, 59, seed=7)
     got = to_onnx.run_onnxruntime(session, images, names)
     expected = run_model(load_checkpoint(checkpoint).model, images, names)
@@ -107,12 +108,12 @@ def test_export_matches_pytorch_at_sizes_other_than_the_traced_one(tmp_path, cap
 def test_metadata_round_trip(tmp_path, model_type):
     out = tmp_path / "model.onnx"
     assert to_onnx.main(["--checkpoint", str(make_checkpoint(tmp_path / "ckpt", model_type)), "--out", str(out), "--no-verify"]) == 0
-    meta = read_metadata(onnx.load(str(out)))
-    assert meta["class_names"] == NAMES and meta["num_classes"] == 5 and meta["model_type"] == model_type
-    assert meta["palette"] == [[i * 40, 255 - i * 40, 7] for i in range(5)]
-    assert meta["groups"] == {"head": [0, 1], "body": [2], "tail": [3, 4]}
-    assert meta["num_experts"] == (3 if model_type == "medoe" else 0)
-    assert meta["expert_groups"] == ([[0, 1], [2], [3, 4]] if model_type == "medoe" else [])
+    meta = read_graph_metadata(onnx.load(str(out)))
+    assert meta.class_names == NAMES and meta.num_classes == 5 and meta.model_type == model_type
+    assert meta.palette == [[i * 40, 255 - i * 40, 7] for i in range(5)]
+    assert meta.groups == {"head": [0, 1], "body": [2], "tail": [3, 4]}
+    assert meta.num_experts == (3 if model_type == "medoe" else 0)
+    assert meta.expert_groups == ([[0, 1], [2], [3, 4]] if model_type == "medoe" else [])
     assert not (tmp_path / "config.pbtxt").exists()  # not a Triton layout: no config
 
 
@@ -121,7 +122,7 @@ def test_probs_output_is_optional_and_sums_to_one(tmp_path):
     args = ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt", "baseline", "ppm")), "--out", str(out),
             "--outputs", "labels", "confidence", "probs", "--verify-sizes", "37x45", "--verify-batches", "1"]
     assert to_onnx.main(args) == 0
-    probs = to_onnx.run_onnxruntime(to_onnx.onnxruntime_session(out), random_images(1, 30, 50, 1), ["probs"])["probs"]
+    probs = to_onnx.run_onnxruntime(cpu_session(out), random_images(1, 30, 50, 1), ["probs"])["probs"]
     assert probs.shape == (1, 5, 30, 50)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
 
@@ -201,7 +202,7 @@ def test_ppm_pooling_equals_adaptive_average_pooling_at_any_size():
 
 
 def test_bench_writes_markdown_and_goals(tmp_path):
-    from export import bench
+    from bench import inference as bench
 
     args = ["--size", "64x96", "--batches", "1", "2", "--repeats", "2", "--threads", "1", "--out-dir", str(tmp_path)]
     assert bench.main(args) == 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from medoe.class_stats import expert_sets
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig, TrainConfig
 from medoe.losses import expert_log_priors, expert_loss, masked_ce
 from medoe.model import MEDOE, DecisionMaker
 from training import train
@@ -50,7 +50,7 @@ def test_adjusted_expert_loss_is_balanced_softmax():
 
 
 def test_holdout_split_is_disjoint_seeded_and_off_at_zero():
-    config = MEDOEConfig(dataset="synthetic", synthetic_train_images=50, synthetic_size=[16, 32], num_classes=14)
+    config = TrainConfig.from_dict(dict(dataset="synthetic", synthetic_train_images=50, synthetic_size=[16, 32], num_classes=14))
     dataset = get_dataset(config, "train")
     fit, held = split_holdout(dataset, 0.2, seed=3)
     assert len(held) == 10 and len(fit) == 40
@@ -93,15 +93,15 @@ def test_user_specified_ensembles_by_hand():
 
 @pytest.mark.parametrize("mixing", ["paper", "nested"])
 def test_diagnostics_agree_with_evaluate(mixing):
-    config = MEDOEConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing=mixing,
-                         synthetic_size=[32, 64], synthetic_val_images=6, crop_size=[32, 32], decision_kernel=3)
+    config = TrainConfig.from_dict(dict(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing=mixing,
+                                        synthetic_size=[32, 64], synthetic_val_images=6, crop_size=[32, 32], decision_kernel=3))
     torch.manual_seed(0)
-    model = MEDOE(config)
+    model = MEDOE(config.network)
     from medoe.class_stats import ClassStats
 
     dataset = get_dataset(config, "val")
     stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
-    model.set_groups(stats.groups(config.group_thresholds))
+    model.set_groups(stats.groups(config.network.group_thresholds))
     report = expert_diagnostics(model, dataset, "cpu", config, stats)
     metrics = evaluate(model, dataset, "cpu", config, stats)
     assert report["rules"]["moe"]["mIoU"] == pytest.approx(metrics["mIoU"], abs=1e-6)
@@ -136,7 +136,7 @@ def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
 
 
 def nested_model(**changes):
-    config = MEDOEConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=4, mixing="nested", **changes)
+    config = ModelConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=4, mixing="nested", **changes)
     model = MEDOE(config)
     model.set_groups([[0], [1], [2, 3]])
     return model
@@ -173,33 +173,34 @@ def test_nested_forward_is_a_distribution_and_the_paper_mixing_is_unchanged():
 
 
 def test_benchmark_report_names_every_section_and_goal():
+    from bench.longtail_report import goals_for, markdown
+    from bench.report import machine_info
     from medoe.class_stats import ClassStats
     from medoe.model import BaselineModel
-    from medoe.report import machine_info
-    from training.benchmark_report import goals_for, markdown
 
-    config = MEDOEConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing="nested",
-                         synthetic_size=[32, 64], synthetic_val_images=4, crop_size=[32, 32])
+    config = TrainConfig.from_dict(dict(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing="nested",
+                                        synthetic_size=[32, 64], synthetic_val_images=4, crop_size=[32, 32]))
     dataset = get_dataset(config, "val")
     stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
     torch.manual_seed(0)
     runs = {}
     for name in ("baseline", "reweight"):
-        model_config = config.replace(model=name)
-        runs[name] = {"metrics": evaluate(BaselineModel(model_config), dataset, "cpu", model_config, stats),
-                      "params": 1, "config": model_config.to_dict(), "images": len(dataset)}
+        run = config.replace(model=name)
+        runs[name] = {"metrics": evaluate(BaselineModel(run.network), dataset, "cpu", run, stats),
+                      "params": 1, "config": run.to_dict(), "images": len(dataset)}
     for name, alpha in (("medoe_paper", 0.2), ("medoe", 0.2), ("medoe_alpha0", 0.0)):
-        model = MEDOE(config.replace(alpha=alpha))
-        model.set_groups(stats.groups(config.group_thresholds))
-        diagnostics = expert_diagnostics(model, dataset, "cpu", model.config, stats)
+        run = config.replace(alpha=alpha)
+        model = MEDOE(run.network)
+        model.set_groups(stats.groups(config.network.group_thresholds))
+        diagnostics = expert_diagnostics(model, dataset, "cpu", run, stats)
         runs[name] = {"metrics": {**diagnostics["rules"]["moe"], "oracle": diagnostics["rules"]["oracle"]},
                       "diagnostics": diagnostics, "diagnostics_stage2_images": diagnostics["experts"],
-                      "params": 2, "config": model.config.to_dict(), "images": len(dataset)}
+                      "params": 2, "config": run.to_dict(), "images": len(dataset)}
     goals = goals_for("streets", runs)
     assert [g["name"] for g in goals] == [
         "streets_medoe_mIoU_minus_reweight", "streets_medoe_tail_mAcc_minus_reweight", "streets_medoe_mIoU_minus_baseline",
         "streets_medoe_tail_mAcc_minus_baseline", "streets_medoe_oracle_gain_recovered"]
-    report = {"machine": machine_info(), "date": "today", "command": "python -m training.benchmark", "split": "val",
+    report = {"machine": machine_info(), "date": "today", "command": "python -m bench.longtail", "split": "val",
               "domains": {"streets": {"config": "c", "train_seconds": {"medoe": 1.0}, "runs": runs, "plot": "p.png",
                                       "groups": {"head": ["road"], "body": [], "tail": []}}},
               "alpha_plot": "a.png", "total_seconds": 60.0, "goals": goals}

@@ -19,6 +19,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from export import to_onnx  # noqa: E402
 from export.graph import random_images  # noqa: E402
+from serving.ort_memory import cpu_session  # noqa: E402
 from serving.processes import free_ports  # noqa: E402, F401 (shared with other tests)
 from serving.server import ServerError, start_server  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
@@ -62,7 +63,7 @@ def grpc(server):
 
 
 def reference(repository: Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    session = to_onnx.onnxruntime_session(repository / "medoe" / "1" / "model.onnx")
+    session = cpu_session(repository / "medoe" / "1" / "model.onnx")
     return to_onnx.run_onnxruntime(session, images, ["labels", "confidence", "expert_weights"])
 
 

@@ -1,6 +1,6 @@
-"""serving.soak: one minute of `segment` load on the shipped model, and its argument errors.
+"""bench.soak: one minute of `segment` load on the shipped model, and its argument errors.
 
-The 10-minute run (`python -m serving.soak --minutes 10 --concurrency 8`) writes docs/soak.*;
+The 10-minute run (`python -m bench.soak --minutes 10 --concurrency 8`) writes docs/soak.*;
 this is the same code path, shortened: 20 s warm-up, then two 13-s RSS windows compared.
 """
 
@@ -21,7 +21,7 @@ MODEL = ROOT / "model_repository" / "medoe" / "1" / "model.onnx"
 
 
 def soak(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.soak", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bench.soak", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 

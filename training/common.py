@@ -1,4 +1,4 @@
-"""What train, evaluate and the benchmark share: configs, datasets, class statistics, batches."""
+"""What train, evaluate and the benchmark share: datasets, class statistics, batches."""
 
 from __future__ import annotations
 
@@ -11,28 +11,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medoe.class_stats import ClassStats
-from medoe.config import GENERATED, MEDOEConfig
+from medoe.config import GENERATED, TrainConfig
 from medoe.data import build_dataset, train_transform
 from medoe.data.common import to_tensors
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-
-def load_config(name_or_path: str) -> MEDOEConfig:
-    """A config file holds only the fields that differ from MEDOEConfig's defaults."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ValueError(f"config {name_or_path!r} not found; known configs: {', '.join(known)}")
-    try:
-        return MEDOEConfig.load(path)  # checks every field's type and range, before any dataset is built
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-
-
-def get_dataset(config: MEDOEConfig, split: str) -> Dataset:
+def get_dataset(config: TrainConfig, split: str) -> Dataset:
     """The un-augmented dataset; training wraps it in AugmentedSamples."""
     kwargs = {}
     if config.dataset in GENERATED:
@@ -143,6 +127,6 @@ def make_loader(dataset, batches: SeededBatches, workers: int, seed: int, crop_s
 
 
 def write_json(path: Path, values) -> None:
-    from medoe.config import atomic_write_text
+    from medoe.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(values, indent=2, allow_nan=False) + "\n")

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medoe.class_stats import DEFAULT_THRESHOLDS, ClassStats
-from medoe.config import GENERATED, MEDOEConfig
+from medoe.config import GENERATED, TrainConfig
 from medoe.heads import resize
 from medoe.metrics import ConfusionMatrix
 from medoe.model import MEDOE
@@ -49,11 +49,11 @@ def _ensembles(full: torch.Tensor, sets: torch.Tensor, best) -> dict[str, torch.
 
 
 @torch.no_grad()
-def expert_diagnostics(model: MEDOE, dataset, device, config: MEDOEConfig, stats: ClassStats,
+def expert_diagnostics(model: MEDOE, dataset, device, config: TrainConfig, stats: ClassStats,
                        batch_size: int = 4) -> dict:
     """metrics per rule (percent, as evaluate()), plus selection, calibration and bias tables."""
     model.eval()
-    c, k, ignore = config.num_classes, model.num_experts, config.ignore_index
+    c, k, ignore = config.network.num_classes, model.num_experts, config.network.ignore_index
     sets = model.expert_sets().to(device)
     matrices: dict[str, ConfusionMatrix] = {}
     select_hits = torch.zeros(k, dtype=torch.float64)  # per owner expert: argmax weight == owner
@@ -103,7 +103,7 @@ def expert_diagnostics(model: MEDOE, dataset, device, config: MEDOEConfig, stats
             p_true = full[:, i].gather(1, safe.unsqueeze(1)).squeeze(1)
             true_prob[i] += torch.bincount(safe[valid], p_true[valid].double(), c).cpu()
         class_count += torch.bincount(safe[valid], minlength=c).double().cpu()
-    names = config.class_names or stats.class_names
+    names = config.network.class_names or stats.class_names
     groups = stats.group_dict(DEFAULT_THRESHOLDS)
     results = {name: m.compute().to_dict(names, groups) for name, m in matrices.items()}
     present = class_count > 0

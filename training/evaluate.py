@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 
 from medoe.checkpoint import CheckpointError, load_checkpoint
 from medoe.class_stats import DEFAULT_THRESHOLDS, ClassStats
-from medoe.config import DATASETS, GENERATED, MEDOEConfig, atomic_write_text
+from medoe.config import DATASETS, GENERATED, TrainConfig
 from medoe.data import DatasetError
+from medoe.io import atomic_write_text
 from medoe.metrics import ConfusionMatrix
 from medoe.model import MEDOE
 from training.common import get_dataset, write_json
@@ -30,7 +31,7 @@ from training.plots import plot_path, plot_per_class
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, config: MEDOEConfig, stats: ClassStats, save_preds: Path | None = None,
+def evaluate(model, dataset, device, config: TrainConfig, stats: ClassStats, save_preds: Path | None = None,
              batch_size: int = 4, slide: bool = False) -> dict:
     """Inference over all of `dataset` in this process; returns metrics.json's content (percent).
 
@@ -38,9 +39,9 @@ def evaluate(model, dataset, device, config: MEDOEConfig, stats: ClassStats, sav
     (training/inference.py), so the network sees inputs of the size it was trained on.
     """
     model.eval()
-    num_classes = config.num_classes
-    matrix = ConfusionMatrix(num_classes, config.ignore_index, device)
-    oracle = ConfusionMatrix(num_classes, config.ignore_index, device) if isinstance(model, MEDOE) else None
+    num_classes = config.network.num_classes
+    matrix = ConfusionMatrix(num_classes, config.network.ignore_index, device)
+    oracle = ConfusionMatrix(num_classes, config.network.ignore_index, device) if isinstance(model, MEDOE) else None
     # Differently sized images (ADE20K) cannot share a batch.
     loader = DataLoader(dataset, batch_size=batch_size if config.dataset in GENERATED else 1)
     index = 0
@@ -62,9 +63,9 @@ def evaluate(model, dataset, device, config: MEDOEConfig, stats: ClassStats, sav
     # No all_reduce: this process saw the whole dataset (under torchrun only rank 0 evaluates,
     # and a collective there fails or hangs on ranks that have already finished).
     groups = stats.group_dict(DEFAULT_THRESHOLDS)
-    metrics = matrix.compute().to_dict(config.class_names or stats.class_names, groups)
+    metrics = matrix.compute().to_dict(config.network.class_names or stats.class_names, groups)
     if oracle is not None:
-        metrics["oracle"] = oracle.compute().to_dict(config.class_names or stats.class_names, groups)
+        metrics["oracle"] = oracle.compute().to_dict(config.network.class_names or stats.class_names, groups)
     return metrics
 
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
         checkpoint = load_checkpoint(args.checkpoint, args.device)
-        config = checkpoint.config
+        config = checkpoint.run
         if args.dataset:
             config = config.replace(dataset=args.dataset)
         if args.data_root:
@@ -141,11 +142,11 @@ def main(argv=None) -> int:
         mode = (f"sliding window {config.crop_size[0]}x{config.crop_size[1]}, stride "
                 + "x".join(map(str, default_stride(config.crop_size)))) if args.slide else "whole image"
         write_json(out, metrics)
-        table = format_table({config.model: metrics})
-        lines = [f"# {config.model} on {config.dataset} `{args.split}` ({len(dataset)} images, {mode})", "", table, "",
+        table = format_table({config.network.model: metrics})
+        lines = [f"# {config.network.model} on {config.dataset} `{args.split}` ({len(dataset)} images, {mode})", "", table, "",
                  "Per class, most frequent training class first (percent):", "", per_class_table(metrics, stats), ""]
         if args.plot:
-            png = plot_per_class(metrics, stats, plot_path(out), title=f"{config.model}: per-class IoU / Acc ({mode})")
+            png = plot_per_class(metrics, stats, plot_path(out), title=f"{config.network.model}: per-class IoU / Acc ({mode})")
             lines += [f"![per-class IoU and Acc]({png.name})", ""]
         atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
     except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as err:

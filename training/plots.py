@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medoe.class_stats import DEFAULT_THRESHOLDS, ClassStats
-from medoe.config import atomic_write_bytes
+from medoe.io import atomic_write_bytes
 
 GROUP_COLOURS = {"head": "#4c72b0", "body": "#dd8452", "tail": "#c44e52"}
 RUN_COLOURS = ["#4c72b0", "#c44e52", "#55a868", "#8172b3", "#dd8452", "#937860", "#da8bc3", "#8c8c8c"]

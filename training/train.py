@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import DATASETS, MEDOEConfig
+from medoe.config import CONFIG_DIR, DATASETS, ModelConfig, TrainConfig, load_config
 from medoe.data import DatasetError
 from medoe.heads import resize
 from medoe.losses import (
@@ -39,11 +39,9 @@ from medoe.losses import (
 from medoe.model import build_model
 from training import distributed as dist
 from training.common import (
-    CONFIG_DIR,
     SeededBatches,
     compute_class_stats,
     get_dataset,
-    load_config,
     make_loader,
     split_holdout,
 )
@@ -79,7 +77,7 @@ def get_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_from_args(args) -> MEDOEConfig:
+def config_from_args(args) -> TrainConfig:
     config = load_config(args.config)
     overrides = {
         "model": args.model, "dataset": args.dataset, "data_root": args.data_root, "iters": args.iters,
@@ -91,60 +89,66 @@ def config_from_args(args) -> MEDOEConfig:
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
-# What stage 2 alone may change on a stage-1 checkpoint; the rest (the held-back images
-# included) was fixed when stage 1 ran.
-STAGE2_FIELDS = ("select_balance", "select_balance_power", "stage2_iters", "stage2_lr", "decision_hidden",
-                 "decision_kernel", "mixing")
+# What stage 2 alone may change on a stage-1 checkpoint (of the run, of the network); the rest
+# (the held-back images included) was fixed when stage 1 ran.
+STAGE2_RUN_FIELDS = ("select_balance", "select_balance_power", "stage2_iters", "stage2_lr")
+STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "mixing")
 
 
-def with_stage2_settings(model, config: MEDOEConfig):
-    """A stage-1 model whose config follows `config` in STAGE2_FIELDS, with a fresh decision maker."""
+def stage2_run(stage1: TrainConfig, requested: TrainConfig) -> TrainConfig:
+    """Stage 1's run with the requested run's stage-2 settings."""
+    return stage1.replace(**{name: getattr(requested, name) for name in STAGE2_RUN_FIELDS},
+                          **{name: getattr(requested.network, name) for name in STAGE2_NETWORK_FIELDS})
+
+
+def with_new_decision_maker(model, network: ModelConfig):
+    """A stage-1 MEDOE rebuilt to `network` (which differs in STAGE2_NETWORK_FIELDS at most)."""
     if not model.config.is_medoe:
         raise ValueError("--stage 2 needs a MEDOE stage-1 checkpoint, got a single-decoder one")
-    model.config = model.config.replace(**{name: getattr(config, name) for name in STAGE2_FIELDS})
-    model.decision = model.new_decision_maker(model.config).to(model.expert_lut.device)
+    model.config = network
+    model.decision = model.new_decision_maker(network).to(model.expert_lut.device)
     return model
 
 
 class StageLoss(nn.Module):
     """One stage's training forward as a module, so DistributedDataParallel sees forward()."""
 
-    def __init__(self, model, config: MEDOEConfig, stage: int, stats: ClassStats):
+    def __init__(self, model, config: TrainConfig, stage: int, stats: ClassStats):
         super().__init__()
         self.model, self.config, self.stage = model, config, stage
-        weights = inverse_sqrt_frequency_weights(stats.pixel_counts) if config.model == "reweight" else None
-        if config.is_medoe and config.select_balance:
+        weights = inverse_sqrt_frequency_weights(stats.pixel_counts) if config.network.model == "reweight" else None
+        if config.network.is_medoe and config.select_balance:
             weights = selection_balance_weights(stats.pixel_counts, model.groups(), config.select_balance_power)
         self.register_buffer("weights", weights, persistent=False)
         adjustments = None
-        if config.is_medoe and config.expert_balance > 0:
+        if config.network.is_medoe and config.expert_balance > 0:
             adjustments = expert_log_priors(stats.pixel_counts, model.expert_sets(), config.expert_balance)
         self.register_buffer("adjustments", adjustments, persistent=False)
 
     def forward(self, images, labels) -> tuple[torch.Tensor, dict[str, float]]:
         model, config, size = self.model, self.config, labels.shape[-2:]
-        if config.is_medoe and self.stage == 1:
+        if config.network.is_medoe and self.stage == 1:
             logits = [resize(z, size) for z in model.expert_logits(images)]
-            total, parts = stage1_loss(logits, labels, model.expert_sets(), config.alpha, config.ignore_index, self.adjustments)
+            total, parts = stage1_loss(logits, labels, model.expert_sets(), config.alpha, config.network.ignore_index, self.adjustments)
             return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
-        if config.is_medoe:
+        if config.network.is_medoe:
             with torch.no_grad():
                 probs = model.expert_probs(images)
             select = resize(model.selection_logits(probs), size)
-            return selection_loss(select, labels, model.expert_lut, self.weights, config.ignore_index), {}
+            return selection_loss(select, labels, model.expert_lut, self.weights, config.network.ignore_index), {}
         logits = resize(model.logits(images), size)
-        if config.model == "focal":
-            return focal_loss(logits, labels, config.focal_gamma, config.ignore_index), {}
-        if config.model == "reweight":
-            return weighted_ce(logits, labels, self.weights, config.ignore_index), {}
-        return F.cross_entropy(logits, labels, ignore_index=config.ignore_index), {}
+        if config.network.model == "focal":
+            return focal_loss(logits, labels, config.focal_gamma, config.network.ignore_index), {}
+        if config.network.model == "reweight":
+            return weighted_ce(logits, labels, self.weights, config.network.ignore_index), {}
+        return F.cross_entropy(logits, labels, ignore_index=config.network.ignore_index), {}
 
 
 def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, device, start_iter=0, state=None) -> bool:
     """Runs one stage from `start_iter`; returns False when --stop-after ended it early."""
-    iters = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
+    iters = config.iters if stage == 1 else config.stage2_steps
     base_lr = config.lr if stage == 1 else config.stage2_lr
-    if config.is_medoe:
+    if config.network.is_medoe:
         model.set_stage(stage)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
@@ -159,7 +163,7 @@ def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, devi
     loader = make_loader(dataset, batches, config.num_workers, config.seed, config.crop_size)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     log = (work_dir / "log.jsonl").open("a") if dist.is_main() else None
-    progress = tqdm(total=iters, initial=start_iter, desc=f"stage {stage}" if config.is_medoe else config.model,
+    progress = tqdm(total=iters, initial=start_iter, desc=f"stage {stage}" if config.network.is_medoe else config.network.model,
                     disable=not dist.is_main(), dynamic_ncols=True, mininterval=2.0 if sys.stdout.isatty() else 30.0, file=sys.stdout)
     model.train()
     stopping = False
@@ -185,7 +189,7 @@ def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, devi
         done = it + 1
         stopping = args.stop_after is not None and done - start_iter >= args.stop_after and done < iters
         if dist.is_main() and (done % args.save_every == 0 or done == iters or stopping):
-            save_checkpoint(work_dir / "last", model, stats, {
+            save_checkpoint(work_dir / "last", model, stats, run=config, train_state={
                 "stage": stage, "iter": done, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
             })
         if stopping:
@@ -211,44 +215,46 @@ def main(argv=None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         train_set = get_dataset(config, "train")
-        stats = compute_class_stats(train_set, work_dir, config.ignore_index)
+        stats = compute_class_stats(train_set, work_dir, config.network.ignore_index)
         config = config.replace(num_classes=stats.num_classes, class_names=stats.class_names,
                                 palette=[list(c) for c in train_set.palette])
         start_stage, start_iter, state, model = 1, 0, None, None
         if args.resume and (work_dir / "last").is_dir():
             checkpoint = load_checkpoint(work_dir / "last", device, train_state=True)
             model, state = checkpoint.model, checkpoint.train_state
+            config = config.replace(network=model.config)  # the network as it was built
             start_stage, start_iter = state["stage"], state["iter"]
             print(f"resuming stage {start_stage} at iteration {start_iter} from {work_dir / 'last'}")
         elif args.stage == 2:
-            model = with_stage2_settings(load_checkpoint(work_dir / "stage1", device).model, config)
-            config = model.config
+            stage1 = load_checkpoint(work_dir / "stage1", device)
+            config = stage2_run(stage1.run, config)
+            model = with_new_decision_maker(stage1.model, config.network)
             start_stage = 2
         if model is None:
             torch.manual_seed(config.seed)
-            model = build_model(config).to(device)
-            if config.is_medoe:
-                model.set_groups(stats.groups(config.group_thresholds))
-        stages = ([1, 2] if args.stage is None else [args.stage]) if config.is_medoe else [1]
-        holdout = config.stage2_holdout if config.is_medoe else 0.0
+            model = build_model(config.network, config.pretrained).to(device)
+            if config.network.is_medoe:
+                model.set_groups(stats.groups(config.network.group_thresholds))
+        stages = ([1, 2] if args.stage is None else [args.stage]) if config.network.is_medoe else [1]
+        holdout = config.stage2_holdout if config.network.is_medoe else 0.0
         stage_sets = dict(zip((1, 2), split_holdout(train_set, holdout, config.seed), strict=True))
         for stage in [s for s in stages if s >= start_stage]:
             resumed = stage == start_stage and state is not None
             iters_done = start_iter if resumed else 0
-            total = config.iters if stage == 1 else (config.stage2_iters or max(1, config.iters // 10))
+            total = config.iters if stage == 1 else config.stage2_steps
             if iters_done < total and not train_stage(model, config, stage, stats, stage_sets[stage], work_dir, args, device, iters_done, state if resumed else None):
                 print(f"stopped after {args.stop_after} iterations; continue with --resume")
                 dist.barrier()
                 return 0
-            if config.is_medoe and stage == 1 and dist.is_main():
-                save_checkpoint(work_dir / "stage1", model, stats)
+            if config.network.is_medoe and stage == 1 and dist.is_main():
+                save_checkpoint(work_dir / "stage1", model, stats, run=config)
         if dist.is_main():
-            save_checkpoint(work_dir / "final", model, stats)
+            save_checkpoint(work_dir / "final", model, stats, run=config)
             print(f"saved {work_dir / 'final'}")
             if args.eval:
                 metrics = evaluate(model, get_dataset(config, "val"), device, config, stats)
                 (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-                print(format_table({config.model: metrics}))
+                print(format_table({config.network.model: metrics}))
         dist.barrier()
     except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

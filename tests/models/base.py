@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medoe.config import MEDOEConfig
+from medoe.config import ModelConfig
 from medoe.model import MEDOE, BaselineModel, build_model
 
 NUM_CLASSES = 5
@@ -19,13 +19,13 @@ class ModelContract:
     context = "aspp"
     decoder_channels = 16
 
-    def config(self, **changes) -> MEDOEConfig:
+    def config(self, **changes) -> ModelConfig:
         values = dict(
             backbone=self.backbone, context=self.context, num_classes=NUM_CLASSES,
             decoder_channels=self.decoder_channels, decision_hidden=8,
         )
         values.update(changes)
-        return MEDOEConfig(**values)
+        return ModelConfig(**values)
 
     def medoe(self, k: int = 3) -> MEDOE:
         thresholds = {2: [0.8], 3: [0.8, 0.95], 4: [0.8, 0.875, 0.95]}[k]

@@ -1,9 +1,9 @@
 """Memory benchmark: cost per megapixel, and what comes back after a large request.
 
-    python -m serving.memory_bench                  # ~3 min on 2 cores
+    python -m bench.memory                  # ~3 min on 2 cores
 
 1. onnxruntime alone, the repository's model.onnx, one fresh process per setting
-   (serving/memory_probe.py): CPU arena on (onnxruntime's default), arena with shrinkage per
+   (bench/memory_probe.py): CPU arena on (onnxruntime's default), arena with shrinkage per
    run, arena off, arena off with MALLOC_ARENA_MAX=2 or fixed glibc mmap/trim thresholds, and the
    shipped pair of sessions (serving/ort_memory.py). Each:
    RSS idle, peak and after one --large image, after malloc_trim(0); and the p50 of a 256x512
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export import CliParser
-from medoe import report as reporting
-from serving.memory_probe import SETTINGS
+from bench import report as reporting
+from bench.memory_probe import SETTINGS
+from medoe.cli import CliParser
 from serving.ort_memory import ARENA_MAX_PIXELS, TRIM_DELAY_S
 from serving.processes import cmdline, descendants, stub_instance
 
@@ -56,7 +56,7 @@ def get_args(argv=None):
 
 def probe(setting: str, onnx_path: Path, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | SETTINGS[setting][2]
-    done = subprocess.run([sys.executable, "-m", "serving.memory_probe", "--setting", setting, "--onnx", str(onnx_path), *args],
+    done = subprocess.run([sys.executable, "-m", "bench.memory_probe", "--setting", setting, "--onnx", str(onnx_path), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"memory_probe {setting} exited {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -294,8 +294,7 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001 -- a failed probe or server start: one line, exit 2
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 2
-    report = {"machine": reporting.machine_info(), "date": reporting.now(),
-              "command": reporting.command_line("serving.memory_bench", argv), "large": [int(v) for v in args.large.split("x")],
+    report = {**reporting.provenance("bench.memory", argv), "large": [int(v) for v in args.large.split("x")],
               "arena_max_pixels": ARENA_MAX_PIXELS, "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "latency_rounds": args.rounds, "latency_runs": args.runs, "onnxruntime_alone": probes,
               "trim_every_call": trim_every_call, "server": server}

@@ -1,6 +1,6 @@
 """Serving benchmark: one MEDOE graph in-process and through Triton, side by side in one run.
 
-    python -m serving.bench                       # shipped model_repository, 512x1024, concurrency 1 4 8
+    python -m bench.serving                       # shipped model_repository, 512x1024, concurrency 1 4 8
 
 Runs, each at every concurrency on the same synthetic 512x1024 street scenes:
 PyTorch eager (the export graph, random weights of the same architecture unless --checkpoint),
@@ -24,25 +24,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export import CliParser
-from export.to_onnx import parse_size
-from medoe.report import (
-    DOCS_DIR,
-    command_line,
-    goal,
-    goals_markdown,
-    header_markdown,
-    machine_info,
-    now,
-    write_report,
-)
-from serving import bench_clients as clients
+from bench import report as reporting
+from bench import serving_callers as clients
+from medoe.cli import CliParser, parse_hw
+from medoe.contract import DEFAULT_OUTPUTS, ENSEMBLE, MODEL, POSTPROCESS, PREPROCESS
 from serving.decode import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ("labels", "confidence", "expert_weights")
+OUTPUTS = DEFAULT_OUTPUTS
 RUNS = ("pytorch", "onnxruntime", "medoe_http", "medoe_grpc", "medoe_http_shm", "medoe_grpc_shm", "segment_http", "segment_grpc")
-MODELS = ("segment", "preprocess", "medoe", "postprocess")
+MODELS = (ENSEMBLE, PREPROCESS, MODEL, POSTPROCESS)
 
 
 def get_args(argv=None):
@@ -51,12 +42,12 @@ def get_args(argv=None):
     parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu",
                         help="config of the PyTorch model (must match the repository's medoe architecture)")
     parser.add_argument("--checkpoint", help="PyTorch weights (default: random weights; the speed is the same)")
-    parser.add_argument("--size", type=parse_size, default=(512, 1024), metavar="HxW", help="image size")
+    parser.add_argument("--size", type=parse_hw, default=(512, 1024), metavar="HxW", help="image size")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8], help="client threads in flight")
     parser.add_argument("--requests", type=int, default=48, help="timed requests per run and concurrency")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="subset of runs")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads for eager")
-    parser.add_argument("--out-dir", default=str(DOCS_DIR), help="where benchmark_serving.{md,json} go")
+    parser.add_argument("--out-dir", default=str(reporting.DOCS_DIR), help="where benchmark_serving.{md,json} go")
     return parser.parse_args(argv)
 
 
@@ -143,7 +134,7 @@ def main(argv=None) -> int:
     if min(args.concurrency) < 1 or args.requests < 1:
         print("error: --concurrency and --requests must be positive", file=sys.stderr)
         return 2
-    onnx_path = Path(args.repository) / "medoe" / "1" / "model.onnx"
+    onnx_path = Path(args.repository) / MODEL / "1" / "model.onnx"
     if not onnx_path.is_file():
         print(f"error: no ONNX graph at {onnx_path}", file=sys.stderr)
         return 2
@@ -178,8 +169,8 @@ def main(argv=None) -> int:
         if server:
             server.stop()
     report = build_report(args, argv, results, triton_stats, decode_ms, started, load_before)
-    write_report(Path(args.out_dir), "benchmark_serving", report, markdown(report))
-    print("\n".join(goals_markdown(report["goals"])))
+    reporting.write_report(Path(args.out_dir), "benchmark_serving", report, markdown(report))
+    print("\n".join(reporting.goals_markdown(report["goals"])))
     return 0
 
 
@@ -199,19 +190,19 @@ def build_report(args, argv, results, triton_stats, decode_ms, started, load_bef
     for run, target in (("medoe_grpc_shm", 0.85), ("medoe_http_shm", 0.75), ("medoe_grpc", 0.85), ("medoe_http", 0.75)):
         key = f"{run}_over_onnxruntime_throughput_c4"
         if key in ratios and (run.endswith("_shm") or f"{run}_shm" not in args.runs):
-            goals.append(goal(key, ratios[key], target, ">="))
+            goals.append(reporting.goal(key, ratios[key], target, ">="))
     first = args.concurrency[0]
     for protocol in ("grpc", "http"):
         bare, ensemble = results.get(f"medoe_{protocol}", {}).get(first), results.get(f"segment_{protocol}", {}).get(first)
         if bare and ensemble:
             key = f"segment_{protocol}_p50_over_medoe_p50_plus_decode_c{first}"
             ratios[key] = round(ensemble["p50_ms"] / (bare["p50_ms"] + decode_ms), 3)
-            goals.append(goal(key, ratios[key], 1.15, "<="))
+            goals.append(reporting.goal(key, ratios[key], 1.15, "<="))
     import onnxruntime
     import torch
 
     return {
-        "machine": machine_info(), "date": now(), "command": command_line("serving.bench", argv),
+        **reporting.provenance("bench.serving", argv),
         "settings": {"size": list(args.size), "concurrency": args.concurrency, "requests": args.requests,
                      "repository": str(args.repository), "pytorch_weights": args.checkpoint or "random (same architecture)",
                      "torch_threads": args.torch_threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
@@ -224,7 +215,7 @@ def build_report(args, argv, results, triton_stats, decode_ms, started, load_bef
 
 def markdown(report: dict) -> list[str]:
     s = report["settings"]
-    lines = header_markdown("Serving benchmark: in-process vs Triton", report)
+    lines = reporting.header_markdown("Serving benchmark: in-process vs Triton", report)
     lines += [f"{s['size'][0]}x{s['size'][1]} synthetic street scenes, {s['requests']} timed requests per cell, "
               f"outputs {', '.join(s['outputs'])}; JPEG decode alone {s['jpeg_decode_ms']} ms. Throughput in images/s, "
               "latency in ms; \"vs ORT\" is throughput over in-process onnxruntime at the same concurrency.", ""]
@@ -234,7 +225,7 @@ def markdown(report: dict) -> list[str]:
             r = by_c[c]
             ratio = report["ratios"].get(f"{run}_over_onnxruntime_throughput_c{c}", 1.0 if run == "onnxruntime" else "")
             lines.append(f"| {run} | {c} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {ratio} |")
-    lines += ["", "## Goals", "", *goals_markdown(report["goals"]), "", "## Where Triton's time goes",
+    lines += ["", "## Goals", "", *reporting.goals_markdown(report["goals"]), "", "## Where Triton's time goes",
               "", "Triton's per-model statistics over each run (timed requests plus each client thread's untimed first one), mean ms per request.", "",
               "| run | c | model | requests | avg batch | queue | compute input | compute infer | compute output |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|"]

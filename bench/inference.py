@@ -1,7 +1,7 @@
 """Inference benchmark of the fused graph: PyTorch eager vs onnxruntime, MEDOE (K=3) vs the baseline.
 
-    python -m export.bench                                  # tiny backbone, random weights, ~1 min on 2 cores
-    python -m export.bench --checkpoint work/run/final --baseline-checkpoint work/base/final
+    python -m bench.inference                                  # tiny backbone, random weights, ~1 min on 2 cores
+    python -m bench.inference --checkpoint work/run/final --baseline-checkpoint work/base/final
 
 Both runtimes execute the same graph (uint8 NHWC in; labels, confidence, expert weights out)
 with the same thread count, timed in blocks ordered A B B A so drifting background load
@@ -23,33 +23,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-if __package__ in (None, ""):  # run as `python export/bench.py`
+if __package__ in (None, ""):  # run as `python bench/inference.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from export import CliParser
-from export.graph import build_graph, random_images, run_model, run_torch
-from export.to_onnx import (
-    Parity,
-    decompose_channel_softmax,
-    export_graph,
-    finish_model,
-    parse_size,
-    run_onnxruntime,
-    verify,
-)
+from bench import report as reporting
+from export.exporter import export_onnx
+from export.graph import build_graph, graph_metadata, random_images, run_model, run_torch
+from export.parity import Parity, run_onnxruntime, verify
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from medoe.cli import CliParser, parse_hw
+from medoe.config import load_config
 from medoe.model import build_model, count_parameters
-from medoe.report import (
-    DOCS_DIR,
-    command_line,
-    goal,
-    goals_markdown,
-    header_markdown,
-    machine_info,
-    now,
-    write_report,
-)
-from training.common import load_config
+from serving.ort_memory import cpu_session
 
 MODELS = ("medoe", "baseline")
 
@@ -59,11 +44,11 @@ def get_args(argv=None):
     parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu", help="config for the on-the-fly models")
     parser.add_argument("--checkpoint", help="MEDOE checkpoint (default: random weights from --config)")
     parser.add_argument("--baseline-checkpoint", help="baseline checkpoint (default: random weights from --config)")
-    parser.add_argument("--size", type=parse_size, default=(512, 1024), metavar="HxW")
+    parser.add_argument("--size", type=parse_hw, default=(512, 1024), metavar="HxW")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and ORT intra_op threads")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per runtime, model and batch")
-    parser.add_argument("--out-dir", default=str(DOCS_DIR), help="where benchmark_inference.{md,json} go")
+    parser.add_argument("--out-dir", default=str(reporting.DOCS_DIR), help="where benchmark_inference.{md,json} go")
     return parser.parse_args(argv)
 
 
@@ -75,9 +60,9 @@ def load_models(args, work: Path) -> dict:
     for name in MODELS:
         if paths[name] is None:
             torch.manual_seed(0)
-            model = build_model(config.replace(model=name, pretrained="")).eval()
+            model = build_model(config.network.replace(model=name)).eval()
             if name == "medoe":  # any split works for timing; three groups as the paper's
-                c = config.num_classes
+                c = config.network.num_classes
                 model.set_groups([list(range(0, c // 3)), list(range(c // 3, 2 * c // 3)), list(range(2 * c // 3, c))][: model.num_experts])
             paths[name] = save_checkpoint(work / name, model)
         loaded[name] = load_checkpoint(paths[name])
@@ -86,16 +71,6 @@ def load_models(args, work: Path) -> dict:
     if loaded["medoe"].config.backbone != loaded["baseline"].config.backbone:
         raise CheckpointError("MEDOE and the baseline must share the backbone for a fair comparison")
     return {n: (c, str(paths[n])) for n, c in loaded.items()}
-
-
-def session(data: bytes, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_prefix:
-        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def time_pair(graph, sess, images: np.ndarray, repeats: int) -> dict[str, float]:
@@ -117,7 +92,7 @@ def time_pair(graph, sess, images: np.ndarray, repeats: int) -> dict[str, float]
 
 def profile_ops(data: bytes, threads: int, images: np.ndarray, names, work: Path) -> dict:
     """onnxruntime's profiler over 3 runs: milliseconds per op type, per run."""
-    sess = session(data, threads, str(work / "ort_profile"))
+    sess = cpu_session(data, threads, profile_prefix=str(work / "ort_profile"))
     for _ in range(4):
         sess.run(list(names), {"images": images})
     events = json.loads(Path(sess.end_profiling()).read_text())
@@ -147,10 +122,8 @@ def main(argv=None) -> int:
             return 2
         for name, (checkpoint, source) in models.items():
             graph = build_graph(checkpoint.model)
-            model = export_graph(graph)
-            decompose_channel_softmax(model)  # as export/to_onnx.py does by default
-            data = finish_model(model, {})
-            sess = session(data, args.threads)
+            data = export_onnx(graph, graph_metadata(checkpoint.model, None, graph.outputs)).model.SerializeToString()
+            sess = cpu_session(data, args.threads)
             # The graph being timed is the verified one: quick parity at an odd size first.
             parity = verify(lambda x, g=graph: run_model(g.model, x, g.outputs), lambda x, s=sess, g=graph: run_onnxruntime(s, x, g.outputs),
                             [(67, 93)], [1], Parity([str(c) for c in range(checkpoint.config.num_classes)], {}))
@@ -178,11 +151,11 @@ def main(argv=None) -> int:
             ratios[f"medoe_over_baseline_latency_{runtime}_b{batch}"] = find("medoe", runtime, batch)["latency_ms"] / find("baseline", runtime, batch)["latency_ms"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     first = args.batches[0]
-    goals = [goal(f"onnxruntime_over_pytorch_throughput_medoe_b{b}", ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{b}"], 1.3, ">=")
+    goals = [reporting.goal(f"onnxruntime_over_pytorch_throughput_medoe_b{b}", ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{b}"], 1.3, ">=")
              for b in args.batches]
-    goals.append(goal(f"medoe_over_baseline_latency_onnxruntime_b{first}", ratios[f"medoe_over_baseline_latency_onnxruntime_b{first}"], 1.25, "<="))
+    goals.append(reporting.goal(f"medoe_over_baseline_latency_onnxruntime_b{first}", ratios[f"medoe_over_baseline_latency_onnxruntime_b{first}"], 1.25, "<="))
     report = {
-        "machine": machine_info(), "date": now(), "command": command_line("export.bench", argv),
+        **reporting.provenance("bench.inference", argv),
         "settings": {"size": [height, width], "batches": args.batches, "threads": args.threads, "repeats": args.repeats,
                      "onnxruntime": ort.__version__, "torch": torch.__version__, "statistic": "median latency",
                      "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
@@ -192,15 +165,15 @@ def main(argv=None) -> int:
         "parameter_overhead": round(params["medoe"] / params["baseline"] - 1, 4),
         "onnxruntime_profile_b1": profiles, "total_seconds": round(time.perf_counter() - started, 1), "goals": goals,
     }
-    write_report(Path(args.out_dir), "benchmark_inference", report, markdown(report, args))
-    print("\n".join(goals_markdown(goals)))
+    reporting.write_report(Path(args.out_dir), "benchmark_inference", report, markdown(report, args))
+    print("\n".join(reporting.goals_markdown(goals)))
     return 0
 
 
 def markdown(report: dict, args) -> list[str]:
     s, config = report["settings"], report["config"]
     random_models = all("random" in m["checkpoint"] for m in report["models"].values())
-    lines = header_markdown("Inference benchmark: fused ONNX graph, PyTorch eager vs onnxruntime, MEDOE vs baseline", report)
+    lines = reporting.header_markdown("Inference benchmark: fused ONNX graph, PyTorch eager vs onnxruntime, MEDOE vs baseline", report)
     lines += [
         f"Backbone `{config['backbone']}`, context `{config['context']}`, {config['num_classes']} classes, decoder width "
         f"{config['decoder_channels']}; MEDOE with K={config['num_experts']} experts"
@@ -219,7 +192,7 @@ def markdown(report: dict, args) -> list[str]:
         "| ratio | value |", "|---|---:|", *[f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()], "",
         f"Parameters: MEDOE {report['models']['medoe']['parameters']:,}, baseline {report['models']['baseline']['parameters']:,} "
         f"(MEDOE +{100 * report['parameter_overhead']:.1f}%: the K-1 light experts and the decision maker).", "",
-        *goals_markdown(report["goals"]), "",
+        *reporting.goals_markdown(report["goals"]), "",
         "## Where the time goes (onnxruntime profiler, batch 1, ms per run by op type)", "",
         "| op type | MEDOE | baseline |", "|---|---:|---:|",
     ]

@@ -1,6 +1,6 @@
 """Single-core speed of SyntheticStreets; writes docs/benchmark_synthetic.{md,json}.
 
-    python -m medoe.data.bench [--num 200 --height 256 --width 512]
+    python -m bench.data [--num 200 --height 256 --width 512]
 """
 
 from __future__ import annotations
@@ -16,17 +16,8 @@ import cv2
 import numpy as np
 import torch
 
+from bench import report as reporting
 from medoe.data.synthetic import SyntheticStreets
-from medoe.report import (
-    DOCS_DIR,
-    command_line,
-    goal,
-    goals_markdown,
-    header_markdown,
-    machine_info,
-    now,
-    write_report,
-)
 
 GOAL_SIZE, GOAL_IMAGES_PER_S = (256, 512), 50
 
@@ -70,7 +61,7 @@ def measure(height: int, width: int, num: int, label_only: bool) -> dict:
 
 
 def to_markdown(report: dict) -> list[str]:
-    lines = header_markdown("SyntheticStreets generation speed (one CPU core)", report)
+    lines = reporting.header_markdown("SyntheticStreets generation speed (one CPU core)", report)
     lines[-1:-1] = [f"- Software: numpy {np.__version__}, OpenCV {cv2.__version__}", f"- Setup: {report['setup']}"]
     lines += [
         "| resolution | what | images | images/s | ms/image | p50 ms | p95 ms |",
@@ -79,18 +70,18 @@ def to_markdown(report: dict) -> list[str]:
     for r in report["results"]:
         lines.append(f"| {r['resolution']} | {r['what']} | {r['images']} | {r['images_per_s']} | "
                      f"{r['ms_per_image']} | {r['ms_p50']} | {r['ms_p95']} |")
-    lines += ["", *goals_markdown(report["goals"]), "",
+    lines += ["", *reporting.goals_markdown(report["goals"]), "",
               "Regenerate with the command above; `benchmark_synthetic.json` holds the same numbers."]
     return lines
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m medoe.data.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n")[0])
     parser.add_argument("--num", type=int, default=200, help="images per measurement")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--out-dir", type=Path, default=DOCS_DIR, help="where the .md/.json go")
+    parser.add_argument("--out-dir", type=Path, default=reporting.DOCS_DIR, help="where the .md/.json go")
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be >= 1")
@@ -106,14 +97,12 @@ def main(argv=None) -> int:
     goal_rate = next(r["images_per_s"] for r in results
                      if r["resolution"] == "x".join(map(str, GOAL_SIZE)) and r["what"].startswith("image"))
     report = {
-        "machine": machine_info(),
-        "date": now(),
-        "command": command_line("medoe.data.bench", argv),
+        **reporting.provenance("bench.data", argv),
         "setup": setup,
         "results": results,
-        "goals": [goal("synthetic_{}x{}_images_per_s".format(*GOAL_SIZE), goal_rate, GOAL_IMAGES_PER_S, ">=")],
+        "goals": [reporting.goal("synthetic_{}x{}_images_per_s".format(*GOAL_SIZE), goal_rate, GOAL_IMAGES_PER_S, ">=")],
     }
-    write_report(args.out_dir, "benchmark_synthetic", report, to_markdown(report))
+    reporting.write_report(args.out_dir, "benchmark_synthetic", report, to_markdown(report))
     print(f"wrote {args.out_dir / 'benchmark_synthetic.md'} and .json; "
           f"{goal_rate} images/s at {GOAL_SIZE[0]}x{GOAL_SIZE[1]}", file=sys.stderr)
     return 0 if report["goals"][0]["met"] else 1

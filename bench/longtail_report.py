@@ -1,8 +1,8 @@
-"""The long-tail benchmark's goals, Markdown and alpha plot (training/benchmark.py runs it)."""
+"""The long-tail benchmark's goals, Markdown and alpha plot (bench/longtail.py runs it)."""
 
 from __future__ import annotations
 
-from medoe.report import goal, goals_markdown, header_markdown
+from bench import report as reporting
 from training.diagnostics import gain_recovered
 from training.evaluate import format_table
 
@@ -24,11 +24,11 @@ def goals_for(domain: str, runs: dict, names=("medoe",)) -> list[dict]:
         m = runs[name]["metrics"]
         recovered = gain_recovered(runs[name]["diagnostics"]["rules"])
         goals += [
-            goal(f"{domain}_{name}_mIoU_minus_reweight", m["mIoU"] - rw["mIoU"], 0.0, ">="),
-            goal(f"{domain}_{name}_tail_mAcc_minus_reweight", _tail(m, "mAcc") - _tail(rw, "mAcc"), -2.0, ">="),
-            goal(f"{domain}_{name}_mIoU_minus_baseline", m["mIoU"] - base["mIoU"], 0.0, ">="),
-            goal(f"{domain}_{name}_tail_mAcc_minus_baseline", _tail(m, "mAcc") - _tail(base, "mAcc"), 5.0, ">="),
-            goal(f"{domain}_{name}_oracle_gain_recovered", -1.0 if recovered is None else recovered, 0.5, ">="),
+            reporting.goal(f"{domain}_{name}_mIoU_minus_reweight", m["mIoU"] - rw["mIoU"], 0.0, ">="),
+            reporting.goal(f"{domain}_{name}_tail_mAcc_minus_reweight", _tail(m, "mAcc") - _tail(rw, "mAcc"), -2.0, ">="),
+            reporting.goal(f"{domain}_{name}_mIoU_minus_baseline", m["mIoU"] - base["mIoU"], 0.0, ">="),
+            reporting.goal(f"{domain}_{name}_tail_mAcc_minus_baseline", _tail(m, "mAcc") - _tail(base, "mAcc"), 5.0, ">="),
+            reporting.goal(f"{domain}_{name}_oracle_gain_recovered", -1.0 if recovered is None else recovered, 0.5, ">="),
         ]
     return goals
 
@@ -73,7 +73,7 @@ def _setup_line(domain: str, d: dict, split: str) -> str:
 
 
 def markdown(report: dict) -> list[str]:
-    lines = header_markdown("Long-tail benchmark: MEDOE vs. baselines on two generated domains", report)
+    lines = reporting.header_markdown("Long-tail benchmark: MEDOE vs. baselines on two generated domains", report)
     lines += ["Percent. `medoe_paper` is the paper's recipe (plain CE experts, stage 2 on stage 1's images, a 1x1 "
               "decision maker, p = sum s_k p_k); `medoe` the shipped one (the same stage 1, selection targets "
               "balanced by share^-0.5); `medoe_levers` every lever of docs/method.md §8 (nested mixing, stage-2 "
@@ -99,7 +99,7 @@ def markdown(report: dict) -> list[str]:
         lines += [f"| {a:g} | {m['mIoU']:.2f} | {m['mAcc']:.2f} | {_tail(m, 'mIoU'):.2f} | {_tail(m, 'mAcc'):.2f} |"
                   for a, m in alpha_runs]
         lines += ["", f"![mIoU and tail mAcc against alpha]({report['alpha_plot']})", ""]
-    lines += ["## goals", "", *goals_markdown(report["goals"]), "",
+    lines += ["## goals", "", *reporting.goals_markdown(report["goals"]), "",
               f"Total wall time {report['total_seconds'] / 60:.1f} min (runs already in the work dir are reused "
               "and not timed). Per-class IoU/Acc, per-class bias and pixel counts are in `benchmark_longtail.json`."]
     return lines

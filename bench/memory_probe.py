@@ -1,7 +1,7 @@
-"""One onnxruntime memory setting, measured in this process alone (serving/memory_bench.py runs one per setting).
+"""One onnxruntime memory setting, measured in this process alone (bench/memory.py runs one per setting).
 
-    python -m serving.memory_probe --setting no_arena --large 1x3000x4000 --onnx model_repository/medoe/1/model.onnx
-    python -m serving.memory_probe --setting shipped --latency 1x256x512:10 1x1024x2048:3 --onnx ...
+    python -m bench.memory_probe --setting no_arena --large 1x3000x4000 --onnx model_repository/medoe/1/model.onnx
+    python -m bench.memory_probe --setting shipped --latency 1x256x512:10 1x1024x2048:3 --onnx ...
 
 Prints one JSON object. Memory: RSS idle (after warm-up), peak (VmHWM, reset just before the
 large run), after the large run, after glibc's malloc_trim(0) and after a few small runs, in MiB.
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from medoe.cli import parse_dims
 from serving.ort_memory import (
     ARENA_MAX_PIXELS,
     TRIM_DELAY_S,
     MemorySession,
+    cpu_session,
     malloc_trim,
-    session_options,
 )
 
 SHRINK = ("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -63,7 +64,7 @@ def runner(setting: str, onnx_path: str):
     if kind == "shipped":
         session = MemorySession(onnx_path)
         return lambda images: session.run(None, {"images": images})
-    session = ort.InferenceSession(onnx_path, session_options(arena=kind != "no_arena"), providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path, arena=kind != "no_arena")
     run_options = ort.RunOptions()
     if kind == "arena_shrink":
         run_options.add_run_config_entry(*SHRINK)
@@ -117,8 +118,7 @@ def measure(setting: str, onnx_path: str, large: tuple[int, int, int, int]) -> d
 
 
 def batch_shape(text: str) -> tuple[int, int, int, int]:
-    batch, height, width = (int(v) for v in text.lower().split("x"))
-    return batch, height, width, 3
+    return (*parse_dims(text, "NxHxW", "--large"), 3)  # type: ignore[return-value]
 
 
 def get_args(argv=None) -> argparse.Namespace:

@@ -1,10 +1,10 @@
 """The long-tail benchmark: baselines and MEDOE with the same backbone, data and budget, on two
 generated domains (street scenes and aerial suburbs), evaluated on their held-out `test` splits.
 
-    python -m training.benchmark                  # 300 + 200 iterations: ~90 minutes on 2 cores (estimated)
-    python -m training.benchmark --alpha-sweep    # + Figure 5 (three more MEDOE runs)
-    python -m training.benchmark --split val --out-dir work/tune        # for tuning
-    python -m training.benchmark --device cuda --iters 8000
+    python -m bench.longtail                  # 300 + 200 iterations: ~90 minutes on 2 cores (estimated)
+    python -m bench.longtail --alpha-sweep    # + Figure 5 (three more MEDOE runs)
+    python -m bench.longtail --split val --out-dir work/tune        # for tuning
+    python -m bench.longtail --device cuda --iters 8000
 
 Per domain: baseline, reweight (`--only ... focal` adds focal), `medoe_paper` (the paper's
 recipe, every lever of docs/method.md §8 off), `medoe` (the configs' recipe: what ships; the
@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
+from bench import report as reporting
+from bench.longtail_report import goals_for, markdown
 from medoe.checkpoint import load_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import atomic_write_text
+from medoe.config import load_config
+from medoe.io import atomic_write_text
 from medoe.model import MEDOE, count_parameters
-from medoe.report import DOCS_DIR, command_line, machine_info, now, write_report
 from training import train
-from training.benchmark_report import goals_for, markdown
-from training.common import Subset, get_dataset, load_config, split_holdout
+from training.common import Subset, get_dataset, split_holdout
 from training.diagnostics import expert_diagnostics
 from training.evaluate import evaluate
 from training.plots import plot_alpha_sweep, plot_comparison
@@ -72,7 +73,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training and evaluation device")
     parser.add_argument("--split", default="test", help="held-out split the tables report")
     parser.add_argument("--work-dir", default="work/benchmark", help="where the runs go (finished runs are reused)")
-    parser.add_argument("--out-dir", default=str(DOCS_DIR), help="where benchmark_longtail.{md,json} go")
+    parser.add_argument("--out-dir", default=str(reporting.DOCS_DIR), help="where benchmark_longtail.{md,json} go")
     args = parser.parse_args(argv)
     args.configs = {Path(args.config).stem: args.config} if args.config else {d: DOMAINS[d] for d in args.domains}
     args.domains = list(args.configs)
@@ -122,7 +123,7 @@ def run_training(args, domain: str, name: str, flags: list[str]) -> float:
 
 def score(args, domain: str, name: str, device) -> dict:
     checkpoint = load_checkpoint(Path(args.work_dir) / domain / name / "final", device)
-    model, config, stats = checkpoint.model, checkpoint.config, checkpoint.class_stats
+    model, config, stats = checkpoint.model, checkpoint.run, checkpoint.class_stats
     held_out = get_dataset(config, args.split)
     result = {"params": count_parameters(model), "config": config.to_dict(), "images": len(held_out)}
     if isinstance(model, MEDOE):
@@ -168,13 +169,13 @@ def main(argv=None) -> int:
         points = [(r["config"]["alpha"], r["metrics"]["mIoU"], r["metrics"]["groups"]["tail"]["mAcc"]) for r in alpha_runs.values()]
         alpha_plot = plot_alpha_sweep(points, Path(args.out_dir) / "benchmark_longtail_alpha.png").name
     report = {
-        "machine": machine_info(), "date": now(), "command": command_line("training.benchmark", argv),
+        **reporting.provenance("bench.longtail", argv),
         "split": args.split, "domains": domains, "alpha_plot": alpha_plot,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     report["goals"] = [g for domain, d in domains.items() for g in goals_for(domain, d["runs"], ("medoe", "medoe_levers"))]
     lines = markdown(report)
-    write_report(Path(args.out_dir), "benchmark_longtail", report, lines)
+    reporting.write_report(Path(args.out_dir), "benchmark_longtail", report, lines)
     print("\n".join(lines))
     return 0
 

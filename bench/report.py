@@ -1,4 +1,8 @@
-"""What every benchmark writes beside its numbers: machine, date, command and goals (SPEC §10)."""
+"""What every benchmark writes beside its numbers: machine, date, command and goals (SPEC §10).
+
+Each benchmark imports this module whole (`from bench import report as reporting`) and builds
+its report as `{**reporting.provenance(module, argv), ...numbers, "goals": [...]}`.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from medoe.config import atomic_write_text
+from medoe.io import atomic_write_text
 
-DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
+# Relative to the working directory (the repository root, as the README runs them), not to
+# this file: an installed package has no docs/ beside it.
+DOCS_DIR = Path("docs")
 OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
 
 
@@ -43,6 +49,11 @@ def now() -> str:
 
 def command_line(module: str, argv: list[str] | None = None) -> str:
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def provenance(module: str, argv: list[str] | None = None) -> dict:
+    """The machine, date and command of a run: the first keys of every report."""
+    return {"machine": machine_info(), "date": now(), "command": command_line(module, argv)}
 
 
 def goal(name: str, measured: float, target: float, op: str) -> dict:

@@ -1,4 +1,4 @@
-"""The callers serving/bench.py times: one factory per run, one caller per client thread.
+"""The callers bench/serving.py times: one factory per run, one caller per client thread.
 
 A caller is `call(image_index, check)`; with `check` it compares the answer's labels with
 onnxruntime's (PyTorch with random weights is checked for shapes only).
@@ -7,30 +7,31 @@ onnxruntime's (PyTorch with random weights is checked for shapes only).
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 
 import numpy as np
 
+from medoe.contract import (
+    CONFIDENCE,
+    ENSEMBLE,
+    EXPERT_WEIGHTS,
+    IMAGE,
+    IMAGES,
+    LABELS,
+    MODEL,
+    read_graph_metadata,
+)
 from serving.decode import decode_image
-
-
-def ort_session(onnx_path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()  # what serving/onnx_model.py gives the server's instance
-    options.intra_op_num_threads = int(os.environ.get("SERVING_ORT_THREADS", "0"))
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+from serving.ort_memory import cpu_session
 
 
 def reference_labels(onnx_path, images: np.ndarray, jpegs: list[bytes]) -> dict:
     """onnxruntime's answers: labels of the raw images and of the decoded JPEGs, output shapes."""
-    session = ort_session(onnx_path)
-    raw = [session.run(None, {"images": image[np.newaxis]}) for image in images]
+    session = cpu_session(onnx_path)
+    raw = [session.run(None, {IMAGES: image[np.newaxis]}) for image in images]
     names = [o.name for o in session.get_outputs()]
-    return {"raw": [r[names.index("labels")][0] for r in raw],
-            "jpeg": [session.run(["labels"], {"images": decode_image(j)[np.newaxis]})[0][0] for j in jpegs],
+    return {"raw": [r[names.index(LABELS)][0] for r in raw],
+            "jpeg": [session.run([LABELS], {IMAGES: decode_image(j)[np.newaxis]})[0][0] for j in jpegs],
             "shapes": {n: list(v.shape) for n, v in zip(names, raw[0], strict=True)}}
 
 
@@ -40,33 +41,32 @@ def _check(labels: np.ndarray, expected: np.ndarray, run: str) -> None:
 
 
 def pytorch_model(args, onnx_path):
-    import onnx
     import torch
 
     from export.graph import build_graph
     from medoe.checkpoint import load_checkpoint
+    from medoe.config import load_config
     from medoe.model import build_model
-    from training.common import load_config
 
     torch.set_num_threads(args.torch_threads)
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint).model
     else:
         torch.manual_seed(0)
-        model = build_model(load_config(args.config).replace(pretrained=""))
+        model = build_model(load_config(args.config).network)
         c = model.config.num_classes
         model.set_groups([list(range(0, c // 3)), list(range(c // 3, 2 * c // 3)), list(range(2 * c // 3, c))])
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    mine = {"backbone": model.config.backbone, "context": model.config.context, "num_classes": str(model.config.num_classes)}
-    if any(meta.get(k) != v for k, v in mine.items()):
+    served = read_graph_metadata(onnx_path)
+    mine = {"backbone": model.config.backbone, "context": model.config.context, "num_classes": model.config.num_classes}
+    if any(getattr(served, k) != v for k, v in mine.items()):
         raise ValueError(f"--config/--checkpoint {mine} is not the served architecture "
-                         f"{ {k: meta.get(k) for k in mine} }: the comparison would be unfair")
+                         f"{ {k: getattr(served, k) for k in mine} }: the comparison would be unfair")
     return build_graph(model.eval())
 
 
 def caller_factory(run: str, args, server, images, jpegs, references, outputs):
     """make_caller(slot) for `run`; every thread gets its own client (and shared-memory regions)."""
-    onnx_path = f"{args.repository}/medoe/1/model.onnx"
+    onnx_path = f"{args.repository}/{MODEL}/1/model.onnx"
     if run == "pytorch":
         from export.graph import run_torch
 
@@ -74,14 +74,14 @@ def caller_factory(run: str, args, server, images, jpegs, references, outputs):
 
         def pytorch(index, check):
             result = run_torch(graph, images[index:index + 1])
-            if check and result["labels"].shape[1:] != references["raw"][index].shape:
+            if check and result[LABELS].shape[1:] != references["raw"][index].shape:
                 raise RuntimeError("pytorch: wrong labels shape")
         return lambda slot: pytorch
     if run == "onnxruntime":
-        session = ort_session(onnx_path)  # one session for all threads, as one server instance
+        session = cpu_session(onnx_path)  # one session for all threads, as one server instance
 
         def onnxruntime(index, check):
-            result = session.run(list(outputs), {"images": images[index:index + 1]})
+            result = session.run(list(outputs), {IMAGES: images[index:index + 1]})
             if check:
                 _check(result[0][0], references["raw"][index], run)
         return lambda slot: onnxruntime
@@ -108,8 +108,8 @@ class TritonCaller:
     def _register(self, shapes: dict) -> None:
         import tritonclient.utils.shared_memory as shm
 
-        sizes = {"images": int(np.prod(self.images.shape[1:])), "labels": int(np.prod(shapes["labels"])),
-                 "confidence": 4 * int(np.prod(shapes["confidence"])), "expert_weights": 4 * int(np.prod(shapes["expert_weights"]))}
+        sizes = {IMAGES: int(np.prod(self.images.shape[1:])), LABELS: int(np.prod(shapes[LABELS])),
+                 CONFIDENCE: 4 * int(np.prod(shapes[CONFIDENCE])), EXPERT_WEIGHTS: 4 * int(np.prod(shapes[EXPERT_WEIGHTS]))}
         for name, size in sizes.items():
             region = f"bench_{uuid.uuid4().hex[:12]}_{name}"
             handle = shm.create_shared_memory_region(region, f"/{region}", size)
@@ -119,18 +119,18 @@ class TritonCaller:
     def _inputs_outputs(self, index: int):
         m = self.module
         binary = {"binary_data": True} if self.protocol == "http" else {}
-        if self.model == "segment":
-            tensor = m.InferInput("image", [1], "BYTES")
+        if self.model == ENSEMBLE:
+            tensor = m.InferInput(IMAGE, [1], "BYTES")
             tensor.set_data_from_numpy(np.array([self.jpegs[index]], dtype=object), **binary)
             return [tensor], [m.InferRequestedOutput(n, **binary) for n in self.outputs]
         image = self.images[index:index + 1]
-        tensor = m.InferInput("images", list(image.shape), "UINT8")
+        tensor = m.InferInput(IMAGES, list(image.shape), "UINT8")
         if not self.regions:
             tensor.set_data_from_numpy(image, **binary)
             return [tensor], [m.InferRequestedOutput(n, **binary) for n in self.outputs]
         import tritonclient.utils.shared_memory as shm
 
-        region, handle, size = self.regions["images"]
+        region, handle, size = self.regions[IMAGES]
         shm.set_shared_memory_region(handle, [image])  # the client's copy into shared memory
         tensor.set_shared_memory(region, size)
         wanted = []
@@ -148,12 +148,12 @@ class TritonCaller:
         if self.regions:
             import tritonclient.utils.shared_memory as shm
 
-            _, handle, _ = self.regions["labels"]
-            labels = shm.get_contents_as_numpy(handle, np.uint8, self.references["shapes"]["labels"])[0].copy()
+            _, handle, _ = self.regions[LABELS]
+            labels = shm.get_contents_as_numpy(handle, np.uint8, self.references["shapes"][LABELS])[0].copy()
         else:
-            labels = result.as_numpy("labels")
+            labels = result.as_numpy(LABELS)
             labels = labels[0] if labels.ndim == 3 else labels
-        expected = self.references["jpeg" if self.model == "segment" else "raw"][index]
+        expected = self.references["jpeg" if self.model == ENSEMBLE else "raw"][index]
         _check(labels, expected, self.run)
 
     def close(self) -> None:

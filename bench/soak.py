@@ -1,7 +1,7 @@
 """Soak test: `segment` requests from N threads for minutes; failures, latency and server memory.
 
-    python -m serving.soak --minutes 10 --concurrency 8                     # starts the server itself
-    python -m serving.soak --minutes 10 --url 127.0.0.1:8000 --server-pid PID   # a running server
+    python -m bench.soak --minutes 10 --concurrency 8                     # starts the server itself
+    python -m bench.soak --minutes 10 --url 127.0.0.1:8000 --server-pid PID   # a running server
 
 By default the embedded tritonserver (serving/server.py) serves --model-repository on free
 loopback ports. Every answer is checked: labels [H, W] at the image's size and equal to the first
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export import CliParser
-from medoe import report as reporting
-from serving.client import SEGMENT_OUTPUTS
+from bench import report as reporting
+from medoe.cli import CliParser, parse_dims
+from medoe.contract import ENSEMBLE, IMAGE, LABELS, SEGMENT_OUTPUTS
 from serving.processes import cmdline, descendants, stub_instance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,7 @@ MIB = 1024 * 1024
 
 
 def size(text: str) -> tuple[int, int]:
-    height, width = (int(v) for v in text.lower().split("x"))  # ValueError: argparse's "invalid size value"
-    if min(height, width) < 8:
-        raise argparse.ArgumentTypeError(f"size must be at least 8x8, got {text!r}")
-    return height, width
+    return parse_dims(text, "HxW", "--size", minimum=8)  # type: ignore[return-value]
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -129,11 +126,11 @@ def run(args, url: str, pid: int, images) -> dict:
             while time.monotonic() - start < duration and not stop.is_set():
                 name, data, shape = images[index % len(images)]
                 index += 1
-                tensor = module.InferInput("image", [1], "BYTES")
+                tensor = module.InferInput(IMAGE, [1], "BYTES")
                 tensor.set_data_from_numpy(np.array([data], dtype=object))
                 sent, error = time.monotonic(), None
                 try:
-                    labels = client.infer("segment", [tensor], outputs=wanted).as_numpy("labels")
+                    labels = client.infer(ENSEMBLE, [tensor], outputs=wanted).as_numpy(LABELS)
                     with lock:
                         expected = first.setdefault(name, labels)
                     if labels.shape != shape:
@@ -244,7 +241,7 @@ def main(argv=None) -> int:
     finally:
         if handle is not None:
             handle.stop()
-    report = {"machine": reporting.machine_info(), "date": reporting.now(), "command": reporting.command_line("serving.soak", argv),
+    report = {**reporting.provenance("bench.soak", argv),
               "settings": {"minutes": args.minutes, "concurrency": args.concurrency, "warmup_seconds": args.warmup_seconds,
                            "window_seconds": round(args.window_seconds, 1), "sample_seconds": round(args.sample_seconds, 2),
                            "protocol": args.protocol, "server": server,
