@@ -33,6 +33,7 @@ from export.parity import Parity, run_onnxruntime, verify
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.cli import CliParser, parse_hw
 from medoe.config import load_config
+from medoe.contract import IMAGES
 from medoe.model import build_model, count_parameters
 from serving.ort_memory import cpu_session
 
@@ -94,7 +95,7 @@ def profile_ops(data: bytes, threads: int, images: np.ndarray, names, work: Path
     """onnxruntime's profiler over 3 runs: milliseconds per op type, per run."""
     sess = cpu_session(data, threads, profile_prefix=str(work / "ort_profile"))
     for _ in range(4):
-        sess.run(list(names), {"images": images})
+        sess.run(list(names), {IMAGES: images})
     events = json.loads(Path(sess.end_profiling()).read_text())
     per_op = defaultdict(float)
     for event in events:

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from medoe.cli import parse_dims
+from medoe.contract import IMAGES
 from serving.ort_memory import (
     ARENA_MAX_PIXELS,
     TRIM_DELAY_S,
@@ -63,12 +64,12 @@ def runner(setting: str, onnx_path: str):
     kind = SETTINGS[setting][1]
     if kind == "shipped":
         session = MemorySession(onnx_path)
-        return lambda images: session.run(None, {"images": images})
+        return lambda images: session.run(None, {IMAGES: images})
     session = cpu_session(onnx_path, arena=kind != "no_arena")
     run_options = ort.RunOptions()
     if kind == "arena_shrink":
         run_options.add_run_config_entry(*SHRINK)
-    return lambda images: session.run(None, {"images": images}, run_options)
+    return lambda images: session.run(None, {IMAGES: images}, run_options)
 
 
 def latency(setting: str, onnx_path: str, sizes: dict[str, int], trim_every_call: bool) -> dict[str, list[float]]:

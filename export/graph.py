@@ -23,8 +23,8 @@ from medoe.contract import (
     ModelMetadata,
 )
 from medoe.data.common import default_palette
-from medoe.heads import resize
 from medoe.model import MEDOE, BaselineModel, Segmentation, SegmentationModel
+from medoe.ops import resize
 
 
 class ExportGraph(nn.Module):

@@ -7,17 +7,10 @@ Each takes the backbone's four stage outputs and returns one feature map with
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medoe.backbones import conv_bn_relu
-
-
-def resize(x: Tensor, size, mode: str = "bilinear") -> Tensor:
-    # The shortcut would be baked into an exported graph traced at one size: skip it then.
-    if not torch.jit.is_tracing() and tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+from medoe.ops import resize
 
 
 class ASPPHead(nn.Module):

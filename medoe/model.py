@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from medoe.backbones import ResNetC, load_imagenet_weights
 from medoe.config import ModelConfig
-from medoe.heads import build_context, resize
+from medoe.heads import build_context
+from medoe.ops import resize
 
 
 class Segmentation(NamedTuple):

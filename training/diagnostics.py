@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 
 from medoe.class_stats import DEFAULT_THRESHOLDS, ClassStats
 from medoe.config import GENERATED, TrainConfig
-from medoe.heads import resize
 from medoe.metrics import ConfusionMatrix
 from medoe.model import MEDOE
+from medoe.ops import resize
 
 SOFTMAX_BETA = 0.3  # Table 6's beta
 CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from medoe.heads import resize
 from medoe.model import Segmentation
+from medoe.ops import resize
 
 # (window images [B, 3, h, w], window labels [B, h, w] or None) -> Segmentation of the window
 WindowFn = Callable[[Tensor, Tensor | None], Segmentation]

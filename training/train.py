@@ -26,7 +26,6 @@ from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
 from medoe.config import CONFIG_DIR, DATASETS, ModelConfig, TrainConfig, load_config
 from medoe.data import DatasetError
-from medoe.heads import resize
 from medoe.losses import (
     expert_log_priors,
     focal_loss,
@@ -37,6 +36,7 @@ from medoe.losses import (
     weighted_ce,
 )
 from medoe.model import build_model
+from medoe.ops import resize
 from training import distributed as dist
 from training.common import (
     SeededBatches,

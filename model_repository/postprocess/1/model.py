@@ -9,11 +9,25 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.processing import class_share, overlay, palette_array, resize_labels_nearest, resize_map
-
-
-def _parameters(config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+from medoe.contract import (
+    CLASS_SHARE,
+    CONFIDENCE,
+    EXPERT_WEIGHTS,
+    IMAGES,
+    LABELS,
+    MODEL,
+    OVERLAY,
+    MetadataError,
+    ModelMetadata,
+    triton_parameters,
+)
+from serving.processing import (
+    class_share,
+    overlay,
+    palette_array,
+    resize_labels_nearest,
+    resize_map,
+)
 
 
 def _model_parameters(config_path: Path) -> dict[str, str]:
@@ -27,35 +41,37 @@ def _model_parameters(config_path: Path) -> dict[str, str]:
 
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = _parameters(json.loads(args["model_config"]))
+        parameters = triton_parameters(json.loads(args["model_config"]))
         if "palette" not in parameters:
             # args["model_repository"] is this model's own directory; the metadata model is its sibling.
-            source = Path(args["model_repository"]).parent / parameters.get("metadata_model", "medoe") / "config.pbtxt"
+            source = Path(args["model_repository"]).parent / parameters.get("metadata_model", MODEL) / "config.pbtxt"
             if not source.is_file():
                 raise pb_utils.TritonModelException(f"postprocess: no palette parameter and no {source} to read it from")
             parameters = {**_model_parameters(source), **parameters}
         if "palette" not in parameters:
             raise pb_utils.TritonModelException("postprocess: the metadata model's config has no `palette` parameter")
-        palette = json.loads(parameters["palette"])
-        names = json.loads(parameters["class_names"]) if "class_names" in parameters else palette
-        self.num_classes = len(names)
-        self.palette = palette_array(palette)
+        try:
+            metadata = ModelMetadata.from_props(parameters, "postprocess: the metadata model's config")
+        except MetadataError as err:
+            raise pb_utils.TritonModelException(str(err)) from None
+        self.num_classes = metadata.num_classes
+        self.palette = palette_array(metadata.palette)
         self.alpha = float(parameters.get("alpha", 0.5))
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            image = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()[0]
-            labels = pb_utils.get_input_tensor_by_name(request, "labels").as_numpy()[0]
-            confidence = pb_utils.get_input_tensor_by_name(request, "confidence").as_numpy()[0]
-            weights = pb_utils.get_input_tensor_by_name(request, "expert_weights").as_numpy()[0]
+            image = pb_utils.get_input_tensor_by_name(request, IMAGES).as_numpy()[0]
+            labels = pb_utils.get_input_tensor_by_name(request, LABELS).as_numpy()[0]
+            confidence = pb_utils.get_input_tensor_by_name(request, CONFIDENCE).as_numpy()[0]
+            weights = pb_utils.get_input_tensor_by_name(request, EXPERT_WEIGHTS).as_numpy()[0]
             # `images` is the original image; labels come at the working size when preprocess resized.
             # Resized only when preprocess used a working size: a copy of 2.5 MB costs ~1 ms.
             if labels.shape != image.shape[:2]:
                 labels, confidence = resize_labels_nearest(labels, image.shape[:2]), resize_map(confidence, image.shape[:2])
-            outputs = {"labels": labels, "overlay": overlay(image, labels, self.palette, self.alpha),
-                       "class_share": class_share(labels, self.num_classes),
-                       "confidence": np.ascontiguousarray(confidence, np.float32),
-                       "expert_weights": np.ascontiguousarray(weights, np.float32)}
+            outputs = {LABELS: labels, OVERLAY: overlay(image, labels, self.palette, self.alpha),
+                       CLASS_SHARE: class_share(labels, self.num_classes),
+                       CONFIDENCE: np.ascontiguousarray(confidence, np.float32),
+                       EXPERT_WEIGHTS: np.ascontiguousarray(weights, np.float32)}
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]))
         return responses

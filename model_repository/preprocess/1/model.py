@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from medoe.contract import IMAGE, IMAGES, ORIGINAL
 from serving.decode import decode_image
 from serving.model_limits import DEFAULT_MAX_PIXELS, pixel_parameter
 from serving.processing import parse_working_size, resize_to_working_size
@@ -26,7 +27,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                data = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
+                data = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)
                 if data.size != 1:
                     raise ValueError(f"send exactly one encoded image per request, got {data.size}")
                 image = decode_image(data[0], self.max_pixels)
@@ -37,5 +38,5 @@ class TritonPythonModel:
                 continue
             model_input = resize_to_working_size(image, self.working_size)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("images", model_input[np.newaxis]), pb_utils.Tensor("original", image[np.newaxis])]))
+                pb_utils.Tensor(IMAGES, model_input[np.newaxis]), pb_utils.Tensor(ORIGINAL, image[np.newaxis])]))
         return responses
