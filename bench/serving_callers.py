@@ -41,6 +41,7 @@ def _check(labels: np.ndarray, expected: np.ndarray, run: str) -> None:
 
 
 def pytorch_model(args, onnx_path):
+    import onnx
     import torch
 
     from export.graph import build_graph
@@ -56,7 +57,7 @@ def pytorch_model(args, onnx_path):
         model = build_model(load_config(args.config).network)
         c = model.config.num_classes
         model.set_groups([list(range(0, c // 3)), list(range(c // 3, 2 * c // 3)), list(range(2 * c // 3, c))])
-    served = read_graph_metadata(onnx_path)
+    served = read_graph_metadata(onnx.load(str(onnx_path), load_external_data=False), str(onnx_path))
     mine = {"backbone": model.config.backbone, "context": model.config.context, "num_classes": model.config.num_classes}
     if any(getattr(served, k) != v for k, v in mine.items()):
         raise ValueError(f"--config/--checkpoint {mine} is not the served architecture "

@@ -2,15 +2,14 @@
 graph, the Triton configs, the python models, the client and the demo, and the one way the
 metadata is written and read back.
 
-Torch-free and dependency-free (onnx is imported only by the function that reads a graph), so
-the request path imports it without pulling in the training stack.
+Torch-free and dependency-free (the standard library only), so the request path, the client and
+the Triton image import it without the training stack.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 # --- models of the served repository --------------------------------------------------------
 MODEL = "medoe"  # the fused graph; its config carries the metadata below as `parameters`
@@ -113,14 +112,8 @@ def triton_parameters(model_config: dict) -> dict[str, str]:
     return {str(k): str(v.get("string_value", "")) for k, v in config.get("parameters", {}).items()}
 
 
-def read_graph_metadata(model) -> ModelMetadata:
-    """From an `onnx.ModelProto` or the path of an .onnx file (external data not loaded)."""
-    if isinstance(model, str | Path):
-        import onnx
-
-        source, model = str(model), onnx.load(str(model), load_external_data=False)
-    else:
-        source = "the ONNX graph"
+def read_graph_metadata(model, source: str = "the ONNX graph") -> ModelMetadata:
+    """From an `onnx.ModelProto` (load it with `onnx.load(path, load_external_data=False)`)."""
     return ModelMetadata.from_props(graph_props(model), source)
 
 

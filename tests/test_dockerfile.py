@@ -86,17 +86,37 @@ def test_generated_model_is_documented_and_checked_at_build():
     assert any("test -f /models/medoe/1/model.onnx" in run and "/models/medoe/config.pbtxt" in run for run in arguments("RUN"))
 
 
+def project_imports(path: Path) -> set[str]:
+    """The project modules (serving.*, medoe.*) `path` imports, as file paths, at any depth of code."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        for name in names:
+            if name.split(".")[0] in ("serving", "medoe") and (ROOT / (name.replace(".", "/") + ".py")).is_file():
+                found.add(name.replace(".", "/") + ".py")
+    return found
+
+
 def test_python_models_find_what_they_import():
     copied = " ".join(arguments("COPY"))
     for model in (ROOT / "model_repository").glob("*/1/model.py"):
-        for module in re.findall(r"^from (serving\.\w+) import", model.read_text(), re.M):
-            assert module.replace(".", "/") + ".py" in copied, f"{model} imports {module}, not copied"
+        todo, seen = [model], set()
+        while todo:  # what the model imports, and what those modules import in turn
+            for module in project_imports(todo.pop()) - seen:
+                seen.add(module)
+                assert module in copied, f"{model} needs {module}, not copied"
+                todo.append(ROOT / module)
         if "tritonclient" in model.read_text():
             assert any(canonicalize_name(p.name) == "tritonclient" for p in pip_pins())
+        for package in {m.split("/")[0] for m in seen}:
+            assert f"{package}/__init__.py" in copied
     assert "serving/__init__.py" in copied
 
 
-# Import name -> the distribution the image pins for it (stdlib and `serving` need none).
+# Import name -> the distribution the image pins for it (stdlib, `serving` and `medoe` need none).
 DISTRIBUTIONS = {"cv2": "opencv-python-headless", "numpy": "numpy", "PIL": "pillow", "tritonclient": "tritonclient"}
 
 
@@ -104,13 +124,13 @@ def test_copied_modules_have_their_third_party_imports_pinned():
     import ast
 
     pinned = {canonicalize_name(p.name) for p in pip_pins()}
-    copied = [token for rest in arguments("COPY") for token in rest.split() if token.startswith("serving/")]
+    copied = [token for rest in arguments("COPY") for token in rest.split() if token.startswith(("serving/", "medoe/"))]
     for path in copied:
         tree = ast.parse((ROOT / path).read_text())
         names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         names |= {node.module.split(".")[0] for node in ast.walk(tree)
                   if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-        for name in names - set(sys.stdlib_module_names) - {"serving", "__future__"}:
+        for name in names - set(sys.stdlib_module_names) - {"serving", "medoe", "__future__"}:
             assert name in DISTRIBUTIONS, f"{path} imports {name}: add it to DISTRIBUTIONS and the image's pip install"
             assert canonicalize_name(DISTRIBUTIONS[name]) in pinned, f"{path} imports {name}, which the image does not install"
 
