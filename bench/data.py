@@ -1,6 +1,6 @@
 """Single-core speed of SyntheticStreets; writes docs/benchmark_synthetic.{md,json}.
 
-    python -m bench.data [--num 200 --height 256 --width 512]
+python -m bench.data [--num 200 --height 256 --width 512]
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ def pin_one_core() -> str:
     return "torch/cv2 threads = 1 (no CPU pinning on this platform)"
 
 
-
 def measure(height: int, width: int, num: int, label_only: bool) -> dict:
     ds = SyntheticStreets(num_images=num, height=height, width=width, seed=0)
     fetch = ds.label_map if label_only else ds.load
@@ -59,7 +58,6 @@ def measure(height: int, width: int, num: int, label_only: bool) -> dict:
     }
 
 
-
 def to_markdown(report: dict) -> list[str]:
     lines = reporting.header_markdown("SyntheticStreets generation speed (one CPU core)", report)
     lines[-1:-1] = [f"- Software: numpy {np.__version__}, OpenCV {cv2.__version__}", f"- Setup: {report['setup']}"]
@@ -68,10 +66,16 @@ def to_markdown(report: dict) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['resolution']} | {r['what']} | {r['images']} | {r['images_per_s']} | "
-                     f"{r['ms_per_image']} | {r['ms_p50']} | {r['ms_p95']} |")
-    lines += ["", *reporting.goals_markdown(report["goals"]), "",
-              "Regenerate with the command above; `benchmark_synthetic.json` holds the same numbers."]
+        lines.append(
+            f"| {r['resolution']} | {r['what']} | {r['images']} | {r['images_per_s']} | "
+            f"{r['ms_per_image']} | {r['ms_p50']} | {r['ms_p95']} |"
+        )
+    lines += [
+        "",
+        *reporting.goals_markdown(report["goals"]),
+        "",
+        "Regenerate with the command above; `benchmark_synthetic.json` holds the same numbers.",
+    ]
     return lines
 
 
@@ -94,17 +98,25 @@ def main(argv=None) -> int:
         for label_only in (False, True):
             results.append(measure(height, width, args.num, label_only))
             print(json.dumps(results[-1]), file=sys.stderr)
-    goal_rate = next(r["images_per_s"] for r in results
-                     if r["resolution"] == "x".join(map(str, GOAL_SIZE)) and r["what"].startswith("image"))
+    goal_rate = next(
+        r["images_per_s"]
+        for r in results
+        if r["resolution"] == "x".join(map(str, GOAL_SIZE)) and r["what"].startswith("image")
+    )
     report = {
         **reporting.provenance("bench.data", argv),
         "setup": setup,
         "results": results,
-        "goals": [reporting.goal("synthetic_{}x{}_images_per_s".format(*GOAL_SIZE), goal_rate, GOAL_IMAGES_PER_S, ">=")],
+        "goals": [
+            reporting.goal("synthetic_{}x{}_images_per_s".format(*GOAL_SIZE), goal_rate, GOAL_IMAGES_PER_S, ">=")
+        ],
     }
     reporting.write_report(args.out_dir, "benchmark_synthetic", report, to_markdown(report))
-    print(f"wrote {args.out_dir / 'benchmark_synthetic.md'} and .json; "
-          f"{goal_rate} images/s at {GOAL_SIZE[0]}x{GOAL_SIZE[1]}", file=sys.stderr)
+    print(
+        f"wrote {args.out_dir / 'benchmark_synthetic.md'} and .json; "
+        f"{goal_rate} images/s at {GOAL_SIZE[0]}x{GOAL_SIZE[1]}",
+        file=sys.stderr,
+    )
     return 0 if report["goals"][0]["met"] else 1
 
 

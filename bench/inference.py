@@ -64,7 +64,11 @@ def load_models(args, work: Path) -> dict:
             model = build_model(config.network.replace(model=name)).eval()
             if name == "medoe":  # any split works for timing; three groups as the paper's
                 c = config.network.num_classes
-                model.set_groups([list(range(0, c // 3)), list(range(c // 3, 2 * c // 3)), list(range(2 * c // 3, c))][: model.num_experts])
+                model.set_groups(
+                    [list(range(0, c // 3)), list(range(c // 3, 2 * c // 3)), list(range(2 * c // 3, c))][
+                        : model.num_experts
+                    ]
+                )
             paths[name] = save_checkpoint(work / name, model)
         loaded[name] = load_checkpoint(paths[name])
     if loaded["medoe"].config.model != "medoe" or loaded["baseline"].config.model == "medoe":
@@ -76,7 +80,10 @@ def load_models(args, work: Path) -> dict:
 
 def time_pair(graph, sess, images: np.ndarray, repeats: int) -> dict[str, float]:
     """Median seconds per call of each runtime: warm-up, then blocks in the order A B B A."""
-    runs = {"pytorch": lambda: run_torch(graph, images), "onnxruntime": lambda: run_onnxruntime(sess, images, graph.outputs)}
+    runs = {
+        "pytorch": lambda: run_torch(graph, images),
+        "onnxruntime": lambda: run_onnxruntime(sess, images, graph.outputs),
+    }
     seconds = defaultdict(list)
     for fn in runs.values():
         fn()
@@ -102,7 +109,10 @@ def profile_ops(data: bytes, threads: int, images: np.ndarray, names, work: Path
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
             per_op[event["args"]["op_name"]] += event["dur"] / 1000 / 4
     total = sum(per_op.values())
-    return {"total_ms": round(total, 2), "ops_ms": {k: round(v, 2) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}}
+    return {
+        "total_ms": round(total, 2),
+        "ops_ms": {k: round(v, 2) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def main(argv=None) -> int:
@@ -126,19 +136,38 @@ def main(argv=None) -> int:
             data = export_onnx(graph, graph_metadata(checkpoint.model, None, graph.outputs)).model.SerializeToString()
             sess = cpu_session(data, args.threads)
             # The graph being timed is the verified one: quick parity at an odd size first.
-            parity = verify(lambda x, g=graph: run_model(g.model, x, g.outputs), lambda x, s=sess, g=graph: run_onnxruntime(s, x, g.outputs),
-                            [(67, 93)], [1], Parity([str(c) for c in range(checkpoint.config.num_classes)], {}))
+            parity = verify(
+                lambda x, g=graph: run_model(g.model, x, g.outputs),
+                lambda x, s=sess, g=graph: run_onnxruntime(s, x, g.outputs),
+                [(67, 93)],
+                [1],
+                Parity([str(c) for c in range(checkpoint.config.num_classes)], {}),
+            )
             if parity.failures():
-                print(f"error: {name}: onnxruntime and PyTorch disagree: {'; '.join(parity.failures())}", file=sys.stderr)
+                print(
+                    f"error: {name}: onnxruntime and PyTorch disagree: {'; '.join(parity.failures())}", file=sys.stderr
+                )
                 return 1
             graphs[name], params[name], sources[name] = (graph, sess, data), count_parameters(checkpoint.model), source
             for batch in args.batches:
                 images = random_images(batch, height, width, seed=batch)
                 for runtime, seconds in time_pair(graph, sess, images, args.repeats).items():
-                    results.append({"model": name, "runtime": runtime, "batch": batch, "latency_ms": round(seconds * 1000, 2),
-                                    "images_per_s": round(batch / seconds, 3)})
-                    print(f"{name:<8} {runtime:<11} batch {batch}: {seconds * 1000:8.1f} ms, {batch / seconds:6.2f} images/s")
-            profiles[name] = profile_ops(data, args.threads, random_images(1, height, width, seed=1), graph.outputs, work)
+                    results.append(
+                        {
+                            "model": name,
+                            "runtime": runtime,
+                            "batch": batch,
+                            "latency_ms": round(seconds * 1000, 2),
+                            "images_per_s": round(batch / seconds, 3),
+                        }
+                    )
+                    print(
+                        f"{name:<8} {runtime:<11} batch {batch}: {seconds * 1000:8.1f} ms, {batch / seconds:6.2f} "
+                        "images/s"
+                    )
+            profiles[name] = profile_ops(
+                data, args.threads, random_images(1, height, width, seed=1), graph.outputs, work
+            )
     config = models["medoe"][0].config
 
     def find(model, runtime, batch):
@@ -146,25 +175,63 @@ def main(argv=None) -> int:
 
     ratios = {}
     for batch in args.batches:
-        ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{batch}"] = find("medoe", "onnxruntime", batch)["images_per_s"] / find("medoe", "pytorch", batch)["images_per_s"]
-        ratios[f"onnxruntime_over_pytorch_throughput_baseline_b{batch}"] = find("baseline", "onnxruntime", batch)["images_per_s"] / find("baseline", "pytorch", batch)["images_per_s"]
+        ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{batch}"] = (
+            find("medoe", "onnxruntime", batch)["images_per_s"] / find("medoe", "pytorch", batch)["images_per_s"]
+        )
+        ratios[f"onnxruntime_over_pytorch_throughput_baseline_b{batch}"] = (
+            find("baseline", "onnxruntime", batch)["images_per_s"] / find("baseline", "pytorch", batch)["images_per_s"]
+        )
         for runtime in ("onnxruntime", "pytorch"):
-            ratios[f"medoe_over_baseline_latency_{runtime}_b{batch}"] = find("medoe", runtime, batch)["latency_ms"] / find("baseline", runtime, batch)["latency_ms"]
+            ratios[f"medoe_over_baseline_latency_{runtime}_b{batch}"] = (
+                find("medoe", runtime, batch)["latency_ms"] / find("baseline", runtime, batch)["latency_ms"]
+            )
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     first = args.batches[0]
-    goals = [reporting.goal(f"onnxruntime_over_pytorch_throughput_medoe_b{b}", ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{b}"], 1.3, ">=")
-             for b in args.batches]
-    goals.append(reporting.goal(f"medoe_over_baseline_latency_onnxruntime_b{first}", ratios[f"medoe_over_baseline_latency_onnxruntime_b{first}"], 1.25, "<="))
+    goals = [
+        reporting.goal(
+            f"onnxruntime_over_pytorch_throughput_medoe_b{b}",
+            ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{b}"],
+            1.3,
+            ">=",
+        )
+        for b in args.batches
+    ]
+    goals.append(
+        reporting.goal(
+            f"medoe_over_baseline_latency_onnxruntime_b{first}",
+            ratios[f"medoe_over_baseline_latency_onnxruntime_b{first}"],
+            1.25,
+            "<=",
+        )
+    )
     report = {
         **reporting.provenance("bench.inference", argv),
-        "settings": {"size": [height, width], "batches": args.batches, "threads": args.threads, "repeats": args.repeats,
-                     "onnxruntime": ort.__version__, "torch": torch.__version__, "statistic": "median latency",
-                     "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-        "models": {n: {"checkpoint": sources[n] if (args.checkpoint if n == "medoe" else args.baseline_checkpoint) else "random weights (made on the fly)",
-                       "parameters": params[n]} for n in MODELS},
-        "config": config.to_dict(), "results": results, "ratios": ratios,
+        "settings": {
+            "size": [height, width],
+            "batches": args.batches,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "statistic": "median latency",
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "models": {
+            n: {
+                "checkpoint": sources[n]
+                if (args.checkpoint if n == "medoe" else args.baseline_checkpoint)
+                else "random weights (made on the fly)",
+                "parameters": params[n],
+            }
+            for n in MODELS
+        },
+        "config": config.to_dict(),
+        "results": results,
+        "ratios": ratios,
         "parameter_overhead": round(params["medoe"] / params["baseline"] - 1, 4),
-        "onnxruntime_profile_b1": profiles, "total_seconds": round(time.perf_counter() - started, 1), "goals": goals,
+        "onnxruntime_profile_b1": profiles,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "goals": goals,
     }
     reporting.write_report(Path(args.out_dir), "benchmark_inference", report, markdown(report, args))
     print("\n".join(reporting.goals_markdown(goals)))
@@ -174,48 +241,86 @@ def main(argv=None) -> int:
 def markdown(report: dict, args) -> list[str]:
     s, config = report["settings"], report["config"]
     random_models = all("random" in m["checkpoint"] for m in report["models"].values())
-    lines = reporting.header_markdown("Inference benchmark: fused ONNX graph, PyTorch eager vs onnxruntime, MEDOE vs baseline", report)
+    lines = reporting.header_markdown(
+        "Inference benchmark: fused ONNX graph, PyTorch eager vs onnxruntime, MEDOE vs baseline", report
+    )
     lines += [
-        f"Backbone `{config['backbone']}`, context `{config['context']}`, {config['num_classes']} classes, decoder width "
+        f"Backbone `{config['backbone']}`, context `{config['context']}`, {config['num_classes']} classes, decoder "
+        "width "
         f"{config['decoder_channels']}; MEDOE with K={config['num_experts']} experts"
-        + (" (experts 2..K light)" if config["light_experts"] else "") + ", baseline with the same backbone and context. "
-        + ("Both models have random weights: checkpoints made on the fly with `build_model` + `save_checkpoint` "
-           "(timing does not depend on the weights' values). " if random_models else "")
+        + (" (experts 2..K light)" if config["light_experts"] else "")
+        + ", baseline with the same backbone and context. "
+        + (
+            "Both models have random weights: checkpoints made on the fly with `build_model` + `save_checkpoint` "
+            "(timing does not depend on the weights' values). "
+            if random_models
+            else ""
+        )
         + f"Input: random uint8 {s['size'][0]}x{s['size'][1]} RGB images; both runtimes run the same graph "
         f"(uint8 NHWC in, labels + confidence (+ expert weights) out, argmax and resize inside). "
         f"Threads: `torch.set_num_threads({s['threads']})` and onnxruntime `intra_op_num_threads={s['threads']}`, "
         f"`inter_op_num_threads=1`, all graph optimisations (onnxruntime {s['onnxruntime']}, torch {s['torch']}). "
-        f"Median of {s['repeats']} runs after one warm-up, in blocks ordered PyTorch, onnxruntime, onnxruntime, PyTorch. "
+        f"Median of {s['repeats']} runs after one warm-up, in blocks ordered PyTorch, onnxruntime, onnxruntime, "
+        "PyTorch. "
         f"Load average (1 min) before/after: {s['load_average_before_after'][0]} / {s['load_average_before_after'][1]} "
-        "(after includes this run's own threads).", "",
-        "| model | runtime | batch | latency (ms) | images/s |", "|---|---|---:|---:|---:|",
-        *[f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['latency_ms']:.1f} | {r['images_per_s']:.2f} |" for r in report["results"]], "",
-        "| ratio | value |", "|---|---:|", *[f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()], "",
-        f"Parameters: MEDOE {report['models']['medoe']['parameters']:,}, baseline {report['models']['baseline']['parameters']:,} "
-        f"(MEDOE +{100 * report['parameter_overhead']:.1f}%: the K-1 light experts and the decision maker).", "",
-        *reporting.goals_markdown(report["goals"]), "",
-        "## Where the time goes (onnxruntime profiler, batch 1, ms per run by op type)", "",
-        "| op type | MEDOE | baseline |", "|---|---:|---:|",
+        "(after includes this run's own threads).",
+        "",
+        "| model | runtime | batch | latency (ms) | images/s |",
+        "|---|---|---:|---:|---:|",
+        *[
+            f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['latency_ms']:.1f} | {r['images_per_s']:.2f} |"
+            for r in report["results"]
+        ],
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+        *[f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()],
+        "",
+        f"Parameters: MEDOE {report['models']['medoe']['parameters']:,}, baseline "
+        f"{report['models']['baseline']['parameters']:,} "
+        f"(MEDOE +{100 * report['parameter_overhead']:.1f}%: the K-1 light experts and the decision maker).",
+        "",
+        *reporting.goals_markdown(report["goals"]),
+        "",
+        "## Where the time goes (onnxruntime profiler, batch 1, ms per run by op type)",
+        "",
+        "| op type | MEDOE | baseline |",
+        "|---|---:|---:|",
     ]
     profile = report["onnxruntime_profile_b1"]
     ops = list(dict.fromkeys([*profile["medoe"]["ops_ms"], *profile["baseline"]["ops_ms"]]))[:10]
-    lines += [f"| {op} | {profile['medoe']['ops_ms'].get(op, 0):.1f} | {profile['baseline']['ops_ms'].get(op, 0):.1f} |" for op in ops]
+    lines += [
+        f"| {op} | {profile['medoe']['ops_ms'].get(op, 0):.1f} | {profile['baseline']['ops_ms'].get(op, 0):.1f} |"
+        for op in ops
+    ]
     lines += [f"| all nodes | {profile['medoe']['total_ms']:.1f} | {profile['baseline']['total_ms']:.1f} |", ""]
-    extra = {op: profile["medoe"]["ops_ms"].get(op, 0) - profile["baseline"]["ops_ms"].get(op, 0)
-             for op in {*profile["medoe"]["ops_ms"], *profile["baseline"]["ops_ms"]}}
+    extra = {
+        op: profile["medoe"]["ops_ms"].get(op, 0) - profile["baseline"]["ops_ms"].get(op, 0)
+        for op in {*profile["medoe"]["ops_ms"], *profile["baseline"]["ops_ms"]}
+    }
     top = sorted(extra.items(), key=lambda kv: -kv[1])[:4]
-    lines += ["MEDOE's extra time over the baseline by op type: " + ", ".join(f"{op} {ms:+.1f} ms" for op, ms in top)
-              + ". The K-1 light experts and the decision maker run as Conv/FusedConv; the K expert softmaxes and "
-              "the selection softmax (decomposed by export/to_onnx.py) as ReduceMax/Sub/Exp/ReduceSum/Div.", ""]
+    lines += [
+        "MEDOE's extra time over the baseline by op type: "
+        + ", ".join(f"{op} {ms:+.1f} ms" for op, ms in top)
+        + ". The K-1 light experts and the decision maker run as Conv/FusedConv; the K expert softmaxes and "
+        "the selection softmax (decomposed by export/to_onnx.py) as ReduceMax/Sub/Exp/ReduceSum/Div.",
+        "",
+    ]
     missed = [g for g in report["goals"] if not g["met"]]
     if missed:
-        lines += ["Goals missed: " + ", ".join(g["name"] for g in missed) + ". The profile above says where the time goes; "
-                  "the JSON file has the full per-op breakdown (`onnxruntime_profile_b1`).", ""]
+        lines += [
+            "Goals missed: " + ", ".join(g["name"] for g in missed) + ". The profile above says where the time goes; "
+            "the JSON file has the full per-op breakdown (`onnxruntime_profile_b1`).",
+            "",
+        ]
     if s["load_average_before_after"][0] > 0.5:  # "after" includes this run's own threads
-        lines += [f"**The machine was shared during this run (load average {s['load_average_before_after'][0]} on "
-                  f"{report['machine']['logical_cores']} cores).** PyTorch's OpenMP threads slow down sharply when the cores "
-                  "are oversubscribed, far more than onnxruntime's thread pool, so the PyTorch numbers and the "
-                  "onnxruntime/PyTorch ratios overstate onnxruntime's lead; rerun on an idle machine.", ""]
+        lines += [
+            f"**The machine was shared during this run (load average {s['load_average_before_after'][0]} on "
+            f"{report['machine']['logical_cores']} cores).** PyTorch's OpenMP threads slow down sharply when the cores "
+            "are oversubscribed, far more than onnxruntime's thread pool, so the PyTorch numbers and the "
+            "onnxruntime/PyTorch ratios overstate onnxruntime's lead; rerun on an idle machine.",
+            "",
+        ]
     lines.append(f"Total wall time {report['total_seconds']:.0f} s. Regenerate with `{report['command']}`.")
     return lines
 

@@ -45,13 +45,36 @@ DOMAINS = {"streets": "deeplabv3plus_tiny_synthetic_cpu", "aerial": "deeplabv3pl
 BASELINES = {"baseline": ["--model", "baseline"], "focal": ["--model", "focal"], "reweight": ["--model", "reweight"]}
 # The paper's MEDOE: plain CE experts, stage 2 on the images stage 1 fitted, a 1x1 decision maker,
 # p = sum_k s_k p_k, no selection balance.
-PAPER = ["--expert-balance", "0", "--stage2-holdout", "0", "--decision-kernel", "1", "--mixing", "paper",
-         "--no-select-balance"]
+PAPER = [
+    "--expert-balance",
+    "0",
+    "--stage2-holdout",
+    "0",
+    "--decision-kernel",
+    "1",
+    "--mixing",
+    "paper",
+    "--no-select-balance",
+]
 # Every lever of docs/method.md §8 on.
-LEVERS = ["--expert-balance", "1", "--stage2-holdout", "0.2", "--decision-kernel", "3", "--mixing", "nested",
-          "--select-balance", "--select-balance-power", "0.5"]
-MEDOE_RUNS = {"medoe_paper": ["--model", "medoe", *PAPER], "medoe": ["--model", "medoe"],
-              "medoe_levers": ["--model", "medoe", *LEVERS]}
+LEVERS = [
+    "--expert-balance",
+    "1",
+    "--stage2-holdout",
+    "0.2",
+    "--decision-kernel",
+    "3",
+    "--mixing",
+    "nested",
+    "--select-balance",
+    "--select-balance-power",
+    "0.5",
+]
+MEDOE_RUNS = {
+    "medoe_paper": ["--model", "medoe", *PAPER],
+    "medoe": ["--model", "medoe"],
+    "medoe_levers": ["--model", "medoe", *LEVERS],
+}
 # `medoe` (the configs' recipe, what ships) differs from the paper's in stage 2 only: it reuses that stage 1.
 SHARES_STAGE1 = {"medoe": "medoe_paper"}
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_levers")  # focal: with --only
@@ -62,13 +85,23 @@ STAGE2_TRAIN_IMAGES = 50  # of the decision maker's own training images, for tra
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), help="datasets to run")
-    parser.add_argument("--config", help="one domain from this config (a name in configs/ or a JSON path) instead of --domains")
+    parser.add_argument(
+        "--config", help="one domain from this config (a name in configs/ or a JSON path) instead of --domains"
+    )
     parser.add_argument("--only", nargs="+", help="a subset of runs, e.g. --only reweight medoe")
-    parser.add_argument("--alpha-sweep", action=argparse.BooleanOptionalAction, default=False,
-                        help="Figure 5's alpha sweep of the shipped recipe on the first domain (+3 MEDOE runs)")
-    parser.add_argument("--iters", type=int, default=CPU_ITERS, help="stage-1 / baseline iterations (the configs': 1200)")
+    parser.add_argument(
+        "--alpha-sweep",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Figure 5's alpha sweep of the shipped recipe on the first domain (+3 MEDOE runs)",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=CPU_ITERS, help="stage-1 / baseline iterations (the configs': 1200)"
+    )
     parser.add_argument("--stage2-iters", type=int, default=CPU_STAGE2_ITERS, help="stage-2 iterations")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training and evaluation device")
     parser.add_argument("--split", default="test", help="held-out split the tables report")
@@ -106,8 +139,20 @@ def run_training(args, domain: str, name: str, flags: list[str]) -> float:
     if source != work and not (work / "stage1").is_dir():
         shutil.copytree(source / "stage1", work / "stage1")
         shutil.copy(source / "class_stats.json", work / "class_stats.json")
-    argv = ["--config", args.configs[domain], "--work-dir", str(work), "--device", args.device, "--no-eval", *flags,
-            "--iters", str(args.iters), "--stage2-iters", str(args.stage2_iters)]
+    argv = [
+        "--config",
+        args.configs[domain],
+        "--work-dir",
+        str(work),
+        "--device",
+        args.device,
+        "--no-eval",
+        *flags,
+        "--iters",
+        str(args.iters),
+        "--stage2-iters",
+        str(args.stage2_iters),
+    ]
     if (work / "stage1").is_dir():  # stage 1 is done (here or in the run it shares): stage 2 alone
         shutil.rmtree(work / "last", ignore_errors=True)
         argv += ["--stage", "2"]
@@ -159,21 +204,32 @@ def main(argv=None) -> int:
         plot = Path(args.out_dir) / f"benchmark_longtail_{domain}_per_class.png"
         main_runs = {n: r["metrics"] for n, r in scored.items() if not n.startswith("medoe_alpha")}
         plot_comparison(main_runs, stats, plot, metric="Acc", title=f"{domain}: per-class Acc on held-out {args.split}")
-        domains[domain] = {"config": args.configs[domain], "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
-                           "runs": scored, "plot": plot.name,
-                           "groups": {g: [stats.class_names[c] for c in m] for g, m in stats.group_dict().items()}}
+        domains[domain] = {
+            "config": args.configs[domain],
+            "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "runs": scored,
+            "plot": plot.name,
+            "groups": {g: [stats.class_names[c] for c in m] for g, m in stats.group_dict().items()},
+        }
     first = domains[args.domains[0]]
     alpha_runs = {n: r for n, r in first["runs"].items() if n == "medoe" or n.startswith("medoe_alpha")}
     alpha_plot = None
     if len(alpha_runs) > 1:
-        points = [(r["config"]["alpha"], r["metrics"]["mIoU"], r["metrics"]["groups"]["tail"]["mAcc"]) for r in alpha_runs.values()]
+        points = [
+            (r["config"]["alpha"], r["metrics"]["mIoU"], r["metrics"]["groups"]["tail"]["mAcc"])
+            for r in alpha_runs.values()
+        ]
         alpha_plot = plot_alpha_sweep(points, Path(args.out_dir) / "benchmark_longtail_alpha.png").name
     report = {
         **reporting.provenance("bench.longtail", argv),
-        "split": args.split, "domains": domains, "alpha_plot": alpha_plot,
+        "split": args.split,
+        "domains": domains,
+        "alpha_plot": alpha_plot,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    report["goals"] = [g for domain, d in domains.items() for g in goals_for(domain, d["runs"], ("medoe", "medoe_levers"))]
+    report["goals"] = [
+        g for domain, d in domains.items() for g in goals_for(domain, d["runs"], ("medoe", "medoe_levers"))
+    ]
     lines = markdown(report)
     reporting.write_report(Path(args.out_dir), "benchmark_longtail", report, lines)
     print("\n".join(lines))

@@ -40,10 +40,17 @@ SETTINGS = {
     "arena_shrink": ("arena on, RunOptions memory.enable_memory_arena_shrinkage = cpu:0", "arena_shrink", {}),
     "no_arena": ("SessionOptions.enable_cpu_mem_arena = False", "no_arena", {}),
     "no_arena_arena_max_2": ("no arena, MALLOC_ARENA_MAX=2", "no_arena", {"MALLOC_ARENA_MAX": "2"}),
-    "no_arena_fixed_thresholds": ("no arena, MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=131072", "no_arena",
-                                  {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}),
-    "shipped": (f"shipped (serving/ort_memory.py): arena up to {ARENA_MAX_PIXELS} pixels per call, above it no arena "
-                "and malloc_trim at once and after TRIM_DELAY_S", "shipped", {}),
+    "no_arena_fixed_thresholds": (
+        "no arena, MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=131072",
+        "no_arena",
+        {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
+    ),
+    "shipped": (
+        f"shipped (serving/ort_memory.py): arena up to {ARENA_MAX_PIXELS} pixels per call, above it no arena "
+        "and malloc_trim at once and after TRIM_DELAY_S",
+        "shipped",
+        {},
+    ),
 }
 SMALL = (1, 256, 512, 3)
 MIB = 1024 * 1024
@@ -113,9 +120,20 @@ def measure(setting: str, onnx_path: str, large: tuple[int, int, int, int]) -> d
     for _ in range(5):
         run(small)
     after_small = memory()["VmRSS"]
-    return {"setting": setting, "description": SETTINGS[setting][0], "large": list(large), "large_seconds": round(seconds, 2),
-            "rss_mib": {"idle": idle, "peak": peak, "after": after, "after_malloc_trim": after_trim, "after_small_runs": after_small},
-            "malloc_trim_ms": round(trim_ms, 1)}
+    return {
+        "setting": setting,
+        "description": SETTINGS[setting][0],
+        "large": list(large),
+        "large_seconds": round(seconds, 2),
+        "rss_mib": {
+            "idle": idle,
+            "peak": peak,
+            "after": after,
+            "after_malloc_trim": after_trim,
+            "after_small_runs": after_small,
+        },
+        "malloc_trim_ms": round(trim_ms, 1),
+    }
 
 
 def batch_shape(text: str) -> tuple[int, int, int, int]:
@@ -143,7 +161,9 @@ def main(argv=None) -> int:
         return 2
     if args.latency:
         sizes = {size: int(runs) for size, runs in (item.split(":") for item in args.latency)}
-        print(json.dumps({"setting": args.setting, "ms": latency(args.setting, args.onnx, sizes, args.trim_every_call)}))
+        print(
+            json.dumps({"setting": args.setting, "ms": latency(args.setting, args.onnx, sizes, args.trim_every_call)})
+        )
         return 0
     print(json.dumps(measure(args.setting, args.onnx, batch_shape(args.large))))
     return 0

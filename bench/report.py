@@ -31,8 +31,12 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu_model": cpu, "logical_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    info = {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         import torch
 
@@ -64,7 +68,8 @@ def goal(name: str, measured: float, target: float, op: str) -> dict:
 def header_markdown(title: str, report: dict) -> list[str]:
     m = report["machine"]
     return [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         f"- Date: {report['date']}",
         f"- Command: `{report['command']}`",
         f"- Machine: {m['cpu_model']}, {m['logical_cores']} logical cores, {m['platform']}"
@@ -75,7 +80,9 @@ def header_markdown(title: str, report: dict) -> list[str]:
 
 def goals_markdown(goals: list[dict]) -> list[str]:
     lines = ["| goal | measured | target | met |", "|---|---:|---:|---|"]
-    lines += [f"| {g['name']} | {g['measured']} | {g['op']} {g['target']} | {'yes' if g['met'] else 'NO'} |" for g in goals]
+    lines += [
+        f"| {g['name']} | {g['measured']} | {g['op']} {g['target']} | {'yes' if g['met'] else 'NO'} |" for g in goals
+    ]
     return lines
 
 

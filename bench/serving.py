@@ -32,15 +32,27 @@ from serving.decode import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = DEFAULT_OUTPUTS
-RUNS = ("pytorch", "onnxruntime", "medoe_http", "medoe_grpc", "medoe_http_shm", "medoe_grpc_shm", "segment_http", "segment_grpc")
+RUNS = (
+    "pytorch",
+    "onnxruntime",
+    "medoe_http",
+    "medoe_grpc",
+    "medoe_http_shm",
+    "medoe_grpc_shm",
+    "segment_http",
+    "segment_grpc",
+)
 MODELS = (ENSEMBLE, PREPROCESS, MODEL, POSTPROCESS)
 
 
 def get_args(argv=None):
     parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repository", default=str(ROOT / "model_repository"), help="Triton model repository to serve")
-    parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu",
-                        help="config of the PyTorch model (must match the repository's medoe architecture)")
+    parser.add_argument(
+        "--config",
+        default="deeplabv3plus_tiny_synthetic_cpu",
+        help="config of the PyTorch model (must match the repository's medoe architecture)",
+    )
     parser.add_argument("--checkpoint", help="PyTorch weights (default: random weights; the speed is the same)")
     parser.add_argument("--size", type=parse_hw, default=(512, 1024), metavar="HxW", help="image size")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8], help="client threads in flight")
@@ -57,8 +69,10 @@ def scenes(count: int, height: int, width: int) -> tuple[np.ndarray, list[bytes]
 
     data = SyntheticStreets(count, height, width, seed=0, split="test")
     images = np.stack([data.load(i)[0] for i in range(count)]).astype(np.uint8)
-    jpegs = [cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-             for im in images]
+    jpegs = [
+        cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        for im in images
+    ]
     return images, jpegs
 
 
@@ -111,9 +125,13 @@ def drive(make_caller, concurrency: int, requests: int, count: int) -> dict:
     if errors:
         raise RuntimeError(errors[0])
     ms = np.asarray(latencies) * 1000
-    return {"requests": len(latencies), "images_per_s": round(len(latencies) / wall, 3),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+    return {
+        "requests": len(latencies),
+        "images_per_s": round(len(latencies) / wall, 3),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+    }
 
 
 def stats_delta(before: dict, after: dict) -> dict:
@@ -123,9 +141,14 @@ def stats_delta(before: dict, after: dict) -> dict:
         start = before.get(model, {})
         delta = {k: end[k] - start.get(k, 0) for k in end}
         n = max(delta["success_count"], 1)
-        table[model] = {"requests": delta["success_count"], "avg_batch": round(delta["inference_count"] / max(delta["execution_count"], 1), 2),
-                        **{f"{phase}_ms": round(delta[f"{phase}_ns"] / n / 1e6, 2)
-                           for phase in ("queue", "compute_input", "compute_infer", "compute_output")}}
+        table[model] = {
+            "requests": delta["success_count"],
+            "avg_batch": round(delta["inference_count"] / max(delta["execution_count"], 1), 2),
+            **{
+                f"{phase}_ms": round(delta[f"{phase}_ns"] / n / 1e6, 2)
+                for phase in ("queue", "compute_input", "compute_infer", "compute_output")
+            },
+        }
     return table
 
 
@@ -155,13 +178,20 @@ def main(argv=None) -> int:
         for concurrency in args.concurrency:
             for run in args.runs:
                 make_caller = clients.caller_factory(run, args, server, images, jpegs, references, OUTPUTS)
-                before = clients.model_stats(server, MODELS) if server and run not in ("pytorch", "onnxruntime") else None
+                before = (
+                    clients.model_stats(server, MODELS) if server and run not in ("pytorch", "onnxruntime") else None
+                )
                 results[run][concurrency] = drive(make_caller, concurrency, args.requests, len(images))
                 if before is not None:
-                    triton_stats.setdefault(run, {})[concurrency] = stats_delta(before, clients.model_stats(server, MODELS))
+                    triton_stats.setdefault(run, {})[concurrency] = stats_delta(
+                        before, clients.model_stats(server, MODELS)
+                    )
                 r = results[run][concurrency]
-                print(f"c{concurrency} {run:<15} {r['images_per_s']:6.2f} images/s  p50 {r['p50_ms']:7.1f}  "
-                      f"p95 {r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms", flush=True)
+                print(
+                    f"c{concurrency} {run:<15} {r['images_per_s']:6.2f} images/s  p50 {r['p50_ms']:7.1f}  "
+                    f"p95 {r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms",
+                    flush=True,
+                )
     except (RuntimeError, OSError, ValueError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
@@ -186,14 +216,19 @@ def build_report(args, argv, results, triton_stats, decode_ms, started, load_bef
         base = results.get("onnxruntime", {}).get(c)
         for run in args.runs:
             if base and run != "onnxruntime":
-                ratios[f"{run}_over_onnxruntime_throughput_c{c}"] = round(results[run][c]["images_per_s"] / base["images_per_s"], 3)
+                ratios[f"{run}_over_onnxruntime_throughput_c{c}"] = round(
+                    results[run][c]["images_per_s"] / base["images_per_s"], 3
+                )
     for run, target in (("medoe_grpc_shm", 0.85), ("medoe_http_shm", 0.75), ("medoe_grpc", 0.85), ("medoe_http", 0.75)):
         key = f"{run}_over_onnxruntime_throughput_c4"
         if key in ratios and (run.endswith("_shm") or f"{run}_shm" not in args.runs):
             goals.append(reporting.goal(key, ratios[key], target, ">="))
     first = args.concurrency[0]
     for protocol in ("grpc", "http"):
-        bare, ensemble = results.get(f"medoe_{protocol}", {}).get(first), results.get(f"segment_{protocol}", {}).get(first)
+        bare, ensemble = (
+            results.get(f"medoe_{protocol}", {}).get(first),
+            results.get(f"segment_{protocol}", {}).get(first),
+        )
         if bare and ensemble:
             key = f"segment_{protocol}_p50_over_medoe_p50_plus_decode_c{first}"
             ratios[key] = round(ensemble["p50_ms"] / (bare["p50_ms"] + decode_ms), 3)
@@ -203,38 +238,66 @@ def build_report(args, argv, results, triton_stats, decode_ms, started, load_bef
 
     return {
         **reporting.provenance("bench.serving", argv),
-        "settings": {"size": list(args.size), "concurrency": args.concurrency, "requests": args.requests,
-                     "repository": str(args.repository), "pytorch_weights": args.checkpoint or "random (same architecture)",
-                     "torch_threads": args.torch_threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                     "jpeg_decode_ms": round(decode_ms, 2), "outputs": list(OUTPUTS),
-                     "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-        "results": results, "ratios": ratios, "triton_model_stats": triton_stats,
-        "total_seconds": round(time.perf_counter() - started, 1), "goals": goals,
+        "settings": {
+            "size": list(args.size),
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+            "repository": str(args.repository),
+            "pytorch_weights": args.checkpoint or "random (same architecture)",
+            "torch_threads": args.torch_threads,
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+            "jpeg_decode_ms": round(decode_ms, 2),
+            "outputs": list(OUTPUTS),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "results": results,
+        "ratios": ratios,
+        "triton_model_stats": triton_stats,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "goals": goals,
     }
 
 
 def markdown(report: dict) -> list[str]:
     s = report["settings"]
     lines = reporting.header_markdown("Serving benchmark: in-process vs Triton", report)
-    lines += [f"{s['size'][0]}x{s['size'][1]} synthetic street scenes, {s['requests']} timed requests per cell, "
-              f"outputs {', '.join(s['outputs'])}; JPEG decode alone {s['jpeg_decode_ms']} ms. Throughput in images/s, "
-              "latency in ms; \"vs ORT\" is throughput over in-process onnxruntime at the same concurrency.", ""]
+    lines += [
+        f"{s['size'][0]}x{s['size'][1]} synthetic street scenes, {s['requests']} timed requests per cell, "
+        f"outputs {', '.join(s['outputs'])}; JPEG decode alone {s['jpeg_decode_ms']} ms. Throughput in images/s, "
+        'latency in ms; "vs ORT" is throughput over in-process onnxruntime at the same concurrency.',
+        "",
+    ]
     lines += ["| run | concurrency | images/s | p50 | p95 | p99 | vs ORT |", "|---|---:|---:|---:|---:|---:|---:|"]
     for c in s["concurrency"]:
         for run, by_c in report["results"].items():
             r = by_c[c]
             ratio = report["ratios"].get(f"{run}_over_onnxruntime_throughput_c{c}", 1.0 if run == "onnxruntime" else "")
-            lines.append(f"| {run} | {c} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {ratio} |")
-    lines += ["", "## Goals", "", *reporting.goals_markdown(report["goals"]), "", "## Where Triton's time goes",
-              "", "Triton's per-model statistics over each run (timed requests plus each client thread's untimed first one), mean ms per request.", "",
-              "| run | c | model | requests | avg batch | queue | compute input | compute infer | compute output |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {run} | {c} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {ratio} |"
+            )
+    lines += [
+        "",
+        "## Goals",
+        "",
+        *reporting.goals_markdown(report["goals"]),
+        "",
+        "## Where Triton's time goes",
+        "",
+        "Triton's per-model statistics over each run (timed requests plus each client thread's untimed first one), "
+        "mean ms per request.",
+        "",
+        "| run | c | model | requests | avg batch | queue | compute input | compute infer | compute output |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for run, by_c in report["triton_model_stats"].items():
         for c, models in by_c.items():
             for model, m in models.items():
                 if m["requests"]:
-                    lines.append(f"| {run} | {c} | {model} | {m['requests']} | {m['avg_batch']} | {m['queue_ms']} | "
-                                 f"{m['compute_input_ms']} | {m['compute_infer_ms']} | {m['compute_output_ms']} |")
+                    lines.append(
+                        f"| {run} | {c} | {model} | {m['requests']} | {m['avg_batch']} | {m['queue_ms']} | "
+                        f"{m['compute_input_ms']} | {m['compute_infer_ms']} | {m['compute_output_ms']} |"
+                    )
     return lines
 
 

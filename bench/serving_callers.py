@@ -30,9 +30,11 @@ def reference_labels(onnx_path, images: np.ndarray, jpegs: list[bytes]) -> dict:
     session = cpu_session(onnx_path)
     raw = [session.run(None, {IMAGES: image[np.newaxis]}) for image in images]
     names = [o.name for o in session.get_outputs()]
-    return {"raw": [r[names.index(LABELS)][0] for r in raw],
-            "jpeg": [session.run([LABELS], {IMAGES: decode_image(j)[np.newaxis]})[0][0] for j in jpegs],
-            "shapes": {n: list(v.shape) for n, v in zip(names, raw[0], strict=True)}}
+    return {
+        "raw": [r[names.index(LABELS)][0] for r in raw],
+        "jpeg": [session.run([LABELS], {IMAGES: decode_image(j)[np.newaxis]})[0][0] for j in jpegs],
+        "shapes": {n: list(v.shape) for n, v in zip(names, raw[0], strict=True)},
+    }
 
 
 def _check(labels: np.ndarray, expected: np.ndarray, run: str) -> None:
@@ -60,8 +62,10 @@ def pytorch_model(args, onnx_path):
     served = read_graph_metadata(onnx.load(str(onnx_path), load_external_data=False), str(onnx_path))
     mine = {"backbone": model.config.backbone, "context": model.config.context, "num_classes": model.config.num_classes}
     if any(getattr(served, k) != v for k, v in mine.items()):
-        raise ValueError(f"--config/--checkpoint {mine} is not the served architecture "
-                         f"{ {k: getattr(served, k) for k in mine} }: the comparison would be unfair")
+        raise ValueError(
+            f"--config/--checkpoint {mine} is not the served architecture "
+            f"{ {k: getattr(served, k) for k in mine} }: the comparison would be unfair"
+        )
     return build_graph(model.eval())
 
 
@@ -74,17 +78,19 @@ def caller_factory(run: str, args, server, images, jpegs, references, outputs):
         graph = pytorch_model(args, onnx_path)
 
         def pytorch(index, check):
-            result = run_torch(graph, images[index:index + 1])
+            result = run_torch(graph, images[index : index + 1])
             if check and result[LABELS].shape[1:] != references["raw"][index].shape:
                 raise RuntimeError("pytorch: wrong labels shape")
+
         return lambda slot: pytorch
     if run == "onnxruntime":
         session = cpu_session(onnx_path)  # one session for all threads, as one server instance
 
         def onnxruntime(index, check):
-            result = session.run(list(outputs), {IMAGES: images[index:index + 1]})
+            result = session.run(list(outputs), {IMAGES: images[index : index + 1]})
             if check:
                 _check(result[0][0], references["raw"][index], run)
+
         return lambda slot: onnxruntime
     model, protocol, shm = run.split("_")[0], run.split("_")[1], run.endswith("_shm")
     return lambda slot: TritonCaller(run, model, protocol, shm, server, images, jpegs, references, outputs)
@@ -109,8 +115,12 @@ class TritonCaller:
     def _register(self, shapes: dict) -> None:
         import tritonclient.utils.shared_memory as shm
 
-        sizes = {IMAGES: int(np.prod(self.images.shape[1:])), LABELS: int(np.prod(shapes[LABELS])),
-                 CONFIDENCE: 4 * int(np.prod(shapes[CONFIDENCE])), EXPERT_WEIGHTS: 4 * int(np.prod(shapes[EXPERT_WEIGHTS]))}
+        sizes = {
+            IMAGES: int(np.prod(self.images.shape[1:])),
+            LABELS: int(np.prod(shapes[LABELS])),
+            CONFIDENCE: 4 * int(np.prod(shapes[CONFIDENCE])),
+            EXPERT_WEIGHTS: 4 * int(np.prod(shapes[EXPERT_WEIGHTS])),
+        }
         for name, size in sizes.items():
             region = f"bench_{uuid.uuid4().hex[:12]}_{name}"
             handle = shm.create_shared_memory_region(region, f"/{region}", size)
@@ -124,7 +134,7 @@ class TritonCaller:
             tensor = m.InferInput(IMAGE, [1], "BYTES")
             tensor.set_data_from_numpy(np.array([self.jpegs[index]], dtype=object), **binary)
             return [tensor], [m.InferRequestedOutput(n, **binary) for n in self.outputs]
-        image = self.images[index:index + 1]
+        image = self.images[index : index + 1]
         tensor = m.InferInput(IMAGES, list(image.shape), "UINT8")
         if not self.regions:
             tensor.set_data_from_numpy(image, **binary)
@@ -175,8 +185,18 @@ def model_stats(server, models) -> dict:
     try:
         table = {}
         for model in models:
-            totals = dict.fromkeys(("success_count", "inference_count", "execution_count", "queue_ns",
-                                    "compute_input_ns", "compute_infer_ns", "compute_output_ns"), 0)
+            totals = dict.fromkeys(
+                (
+                    "success_count",
+                    "inference_count",
+                    "execution_count",
+                    "queue_ns",
+                    "compute_input_ns",
+                    "compute_infer_ns",
+                    "compute_output_ns",
+                ),
+                0,
+            )
             for entry in client.get_inference_statistics(model)["model_stats"]:
                 stats = entry["inference_stats"]
                 totals["success_count"] += stats["success"]["count"]

@@ -30,7 +30,7 @@ def cover_and_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if size != (w, h):
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-    return image[top:top + height, left:left + width]
+    return image[top : top + height, left : left + width]
 
 
 class CalibrationImages:
@@ -46,8 +46,10 @@ class CalibrationImages:
         if limit is not None:
             files = files[:limit]
         if len(files) < batch_shape[0]:
-            raise ValueError(f"{directory} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); "
-                             f"calibration needs at least one batch of {batch_shape[0]}")
+            raise ValueError(
+                f"{directory} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); "
+                f"calibration needs at least one batch of {batch_shape[0]}"
+            )
         self.directory, self.files, self.batch_shape = directory, files, tuple(batch_shape)
 
     def __len__(self) -> int:
@@ -63,7 +65,7 @@ class CalibrationImages:
     def __iter__(self) -> Iterator[np.ndarray]:
         n = self.batch_shape[0]
         for start in range(0, len(self) * n, n):
-            yield np.ascontiguousarray(np.stack([self.load(p) for p in self.files[start:start + n]]))
+            yield np.ascontiguousarray(np.stack([self.load(p) for p in self.files[start : start + n]]))
 
 
 if trt is not None:

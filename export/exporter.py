@@ -32,8 +32,13 @@ class Exported:
     softmaxes_decomposed: int  # channel Softmax nodes rewritten as exp / sum
 
 
-def export_onnx(graph: ExportGraph, metadata: ModelMetadata, opset: int | None = None, exporter: str = "torchscript",
-                decompose_softmax: bool = True) -> Exported:
+def export_onnx(
+    graph: ExportGraph,
+    metadata: ModelMetadata,
+    opset: int | None = None,
+    exporter: str = "torchscript",
+    decompose_softmax: bool = True,
+) -> Exported:
     """Traced, its channel softmaxes decomposed (optional), its metadata set and fully checked."""
     model = export_graph(graph, opset, exporter)
     softmaxes = decompose_channel_softmax(model) if decompose_softmax else 0
@@ -63,9 +68,17 @@ def export_graph(graph: ExportGraph, opset: int | None = None, exporter: str = "
             model = program.model_proto
         else:
             buffer = io.BytesIO()
-            torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=opset or 17,
-                              input_names=[IMAGES], output_names=names, do_constant_folding=True,
-                              dynamic_axes={n: DYNAMIC_AXES[n] for n in [IMAGES, *names]})
+            torch.onnx.export(
+                graph,
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=opset or 17,
+                input_names=[IMAGES],
+                output_names=names,
+                do_constant_folding=True,
+                dynamic_axes={n: DYNAMIC_AXES[n] for n in [IMAGES, *names]},
+            )
             model = onnx.load_from_string(buffer.getvalue())
     graph.eval()  # the exporter restores the train/eval mode it found; keep the reference in eval
     return model
@@ -77,10 +90,23 @@ def _export_dynamo(graph: ExportGraph, example: torch.Tensor, names: list[str], 
     except ImportError:
         raise ExportError("--exporter dynamo needs the onnxscript package: pip install onnxscript") from None
     dim = torch.export.Dim
-    shapes = {IMAGES: {0: dim("batch", min=1, max=1024), 1: dim("height", min=16, max=8192),
-                         2: dim("width", min=16, max=8192)}}
-    return torch.onnx.export(graph, (example,), dynamo=True, opset_version=max(opset, 18), input_names=[IMAGES],
-                             output_names=names, dynamic_shapes=shapes, verbose=False)
+    shapes = {
+        IMAGES: {
+            0: dim("batch", min=1, max=1024),
+            1: dim("height", min=16, max=8192),
+            2: dim("width", min=16, max=8192),
+        }
+    }
+    return torch.onnx.export(
+        graph,
+        (example,),
+        dynamo=True,
+        opset_version=max(opset, 18),
+        input_names=[IMAGES],
+        output_names=names,
+        dynamic_shapes=shapes,
+        verbose=False,
+    )
 
 
 def decompose_channel_softmax(model: onnx.ModelProto) -> int:
@@ -100,13 +126,18 @@ def decompose_channel_softmax(model: onnx.ModelProto) -> int:
             continue
         x, y, name = node.input[0], node.output[0], node.name or node.output[0]
         # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
-        reduce_max = (onnx.helper.make_node("ReduceMax", [x, axes], [f"{name}/max"], keepdims=1) if opset >= 18
-                      else onnx.helper.make_node("ReduceMax", [x], [f"{name}/max"], axes=[1], keepdims=1))
-        nodes += [reduce_max,
-                  onnx.helper.make_node("Sub", [x, f"{name}/max"], [f"{name}/shifted"]),
-                  onnx.helper.make_node("Exp", [f"{name}/shifted"], [f"{name}/exp"]),
-                  onnx.helper.make_node("ReduceSum", [f"{name}/exp", axes], [f"{name}/sum"], keepdims=1),
-                  onnx.helper.make_node("Div", [f"{name}/exp", f"{name}/sum"], [y])]
+        reduce_max = (
+            onnx.helper.make_node("ReduceMax", [x, axes], [f"{name}/max"], keepdims=1)
+            if opset >= 18
+            else onnx.helper.make_node("ReduceMax", [x], [f"{name}/max"], axes=[1], keepdims=1)
+        )
+        nodes += [
+            reduce_max,
+            onnx.helper.make_node("Sub", [x, f"{name}/max"], [f"{name}/shifted"]),
+            onnx.helper.make_node("Exp", [f"{name}/shifted"], [f"{name}/exp"]),
+            onnx.helper.make_node("ReduceSum", [f"{name}/exp", axes], [f"{name}/sum"], keepdims=1),
+            onnx.helper.make_node("Div", [f"{name}/exp", f"{name}/sum"], [y]),
+        ]
         replaced += 1
     if replaced:
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), axes))

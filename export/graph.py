@@ -57,8 +57,12 @@ class ExportGraph(nn.Module):
 
 def by_name(result: Segmentation) -> dict[str, Tensor]:
     """The model's forward result under the graph's output names."""
-    return {LABELS: result.labels, CONFIDENCE: result.confidence, EXPERT_WEIGHTS: result.expert_weights,
-            PROBS: result.probs}
+    return {
+        LABELS: result.labels,
+        CONFIDENCE: result.confidence,
+        EXPERT_WEIGHTS: result.expert_weights,
+        PROBS: result.probs,
+    }
 
 
 def choose_outputs(model: SegmentationModel, requested: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -97,15 +101,24 @@ def class_groups(config: ModelConfig, stats: ClassStats | None, model: Segmentat
 def graph_metadata(model: SegmentationModel, stats: ClassStats | None, outputs: tuple[str, ...]) -> ModelMetadata:
     """What the exported graph says about itself (medoe.contract writes it into the graph)."""
     config = model.config
-    names = config.class_names or (stats.class_names if stats else []) or [f"class{i}" for i in range(config.num_classes)]
+    names = (
+        config.class_names or (stats.class_names if stats else []) or [f"class{i}" for i in range(config.num_classes)]
+    )
     palette = config.palette or [list(c) for c in default_palette(config.num_classes)]
     is_medoe = isinstance(model, MEDOE)
     return ModelMetadata(
-        model_type=config.model, backbone=config.backbone, context=config.context, num_classes=config.num_classes,
-        class_names=list(names), palette=[[int(v) for v in c] for c in palette],
-        groups=class_groups(config, stats, model), group_thresholds=list(DEFAULT_THRESHOLDS),
-        num_experts=model.num_experts if is_medoe else 0, expert_groups=model.groups() if is_medoe else [],
-        outputs=list(outputs))
+        model_type=config.model,
+        backbone=config.backbone,
+        context=config.context,
+        num_classes=config.num_classes,
+        class_names=list(names),
+        palette=[[int(v) for v in c] for c in palette],
+        groups=class_groups(config, stats, model),
+        group_thresholds=list(DEFAULT_THRESHOLDS),
+        num_experts=model.num_experts if is_medoe else 0,
+        expert_groups=model.groups() if is_medoe else [],
+        outputs=list(outputs),
+    )
 
 
 @torch.inference_mode()

@@ -35,7 +35,10 @@ class Parity:
         for name, expected in reference.items():
             got = candidate[name]
             if got.shape != expected.shape or got.dtype != expected.dtype:
-                self.problems.append(f"{name} at {where}: got {got.dtype}{list(got.shape)}, expected {expected.dtype}{list(expected.shape)}")
+                self.problems.append(
+                    f"{name} at {where}: got {got.dtype}{list(got.shape)}, expected "
+                    f"{expected.dtype}{list(expected.shape)}"
+                )
             elif name == LABELS:
                 truth = expected.ravel().astype(np.int64)
                 self.pixels += np.bincount(truth, minlength=num_classes)[:num_classes]
@@ -61,13 +64,22 @@ class Parity:
         lines = [f"  {'class':<{width}}  group  {'pixels':>10}  agreement"]
         for c, name in enumerate(self.class_names):
             if self.pixels is not None and self.pixels[c]:
-                lines.append(f"  {name:<{width}}  {group_of.get(c, '-'):<5}  {self.pixels[c]:>10}  {100 * self.agreed[c] / self.pixels[c]:8.4f}%")
+                lines.append(
+                    f"  {name:<{width}}  {group_of.get(c, '-'):<5}  {self.pixels[c]:>10}  "
+                    f"{100 * self.agreed[c] / self.pixels[c]:8.4f}%"
+                )
         for group, members in self.groups.items():
             total = int(self.pixels[members].sum()) if self.pixels is not None and members else 0
             if total:
-                lines.append(f"  {'[' + group + ']':<{width}}  {group:<5}  {total:>10}  {100 * self.agreed[members].sum() / total:8.4f}%")
-        lines.append(f"  label agreement {100 * self.agreement:.4f}% over {int(self.pixels.sum()) if self.pixels is not None else 0} pixels; "
-                     + ", ".join(f"max |delta {n}| {d:.2e}" for n, d in self.max_abs.items()))
+                lines.append(
+                    f"  {'[' + group + ']':<{width}}  {group:<5}  {total:>10}  "
+                    f"{100 * self.agreed[members].sum() / total:8.4f}%"
+                )
+        lines.append(
+            f"  label agreement {100 * self.agreement:.4f}% over "
+            f"{int(self.pixels.sum()) if self.pixels is not None else 0} pixels; "
+            + ", ".join(f"max |delta {n}| {d:.2e}" for n, d in self.max_abs.items())
+        )
         return lines
 
 
@@ -77,5 +89,3 @@ def verify(run_reference, run_candidate, sizes, batches, parity: Parity) -> Pari
         images = random_images(batch, height, width, seed=index)
         parity.add(run_reference(images), run_candidate(images), f"{batch}x{height}x{width}")
     return parity
-
-

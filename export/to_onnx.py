@@ -35,18 +35,32 @@ def get_args(argv=None) -> argparse.Namespace:
     parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + config.json)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--outputs", nargs="+", choices=GRAPH_OUTPUTS, help="default: labels confidence (+ expert_weights for MEDOE)")
+    parser.add_argument(
+        "--outputs", nargs="+", choices=GRAPH_OUTPUTS, help="default: labels confidence (+ expert_weights for MEDOE)"
+    )
     parser.add_argument("--opset", type=int, help="ONNX opset (>= 17; default 17, 18 for dynamo)")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx path: legacy tracer or torch.export")
-    parser.add_argument("--decompose-softmax", action=argparse.BooleanOptionalAction, default=True,
-                        help="rewrite channel Softmax as exp/sum (faster in onnxruntime, same outputs)")
-    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="onnxruntime vs PyTorch before writing")
+    parser.add_argument(
+        "--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx path: legacy tracer or torch.export"
+    )
+    parser.add_argument(
+        "--decompose-softmax",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rewrite channel Softmax as exp/sum (faster in onnxruntime, same outputs)",
+    )
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=True, help="onnxruntime vs PyTorch before writing"
+    )
     parser.add_argument("--verify-sizes", nargs="+", type=parse_hw, default=list(DEFAULT_SIZES), metavar="HxW")
     parser.add_argument("--verify-batches", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--atol", type=float, default=1e-4, help="max |delta| of float outputs")
     parser.add_argument("--min-agreement", type=float, default=0.9999, help="label agreement, as a fraction")
-    parser.add_argument("--triton-config", action=argparse.BooleanOptionalAction, default=True,
-                        help="write <repo>/<model>/config.pbtxt when --out is <repo>/<model>/<version>/model.onnx")
+    parser.add_argument(
+        "--triton-config",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write <repo>/<model>/config.pbtxt when --out is <repo>/<model>/<version>/model.onnx",
+    )
     parser.add_argument("--max-batch-size", type=int, default=8, help="Triton max_batch_size")
     parser.add_argument("--max-queue-delay-us", type=int, default=100, help="Triton dynamic batcher delay")
     parser.add_argument("--warmup", help="Triton warmup NxHxW, e.g. 1x512x1024")
@@ -82,19 +96,28 @@ def main(argv=None) -> int:
     except ExportError as err:
         return fail(str(err), 2)
     except Exception as err:  # an exporter or checker failure: one line, the cause first
-        return fail(f"export failed: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}", 1)
-    print(f"exported {checkpoint.config.model} ({checkpoint.config.backbone}/{checkpoint.config.context}) with {args.exporter}, "
-          f"opset {model.opset_import[0].version}, {len(model.graph.node)} nodes, outputs {list(graph.outputs)} "
-          f"in {time.perf_counter() - tic:.1f} s ({exported.softmaxes_decomposed} channel softmax(es) decomposed); "
-          "check_model(full_check) passed")
+        return fail(
+            f"export failed: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}", 1
+        )
+    print(
+        f"exported {checkpoint.config.model} ({checkpoint.config.backbone}/{checkpoint.config.context}) with "
+        f"{args.exporter}, "
+        f"opset {model.opset_import[0].version}, {len(model.graph.node)} nodes, outputs {list(graph.outputs)} "
+        f"in {time.perf_counter() - tic:.1f} s ({exported.softmaxes_decomposed} channel softmax(es) decomposed); "
+        "check_model(full_check) passed"
+    )
     if args.verify:
         try:
             session = cpu_session(data)
         except Exception as err:
             return fail(f"onnxruntime cannot load the exported graph: {str(err).splitlines()[0]}", 1)
-        parity = verify(lambda x: run_model(graph.model, x, graph.outputs), lambda x: run_onnxruntime(session, x, graph.outputs),
-                        args.verify_sizes, args.verify_batches,
-                        Parity(metadata.class_names, metadata.groups, args.atol, args.min_agreement))
+        parity = verify(
+            lambda x: run_model(graph.model, x, graph.outputs),
+            lambda x: run_onnxruntime(session, x, graph.outputs),
+            args.verify_sizes,
+            args.verify_batches,
+            Parity(metadata.class_names, metadata.groups, args.atol, args.min_agreement),
+        )
         sizes = ", ".join(f"{h}x{w}" for h, w in args.verify_sizes)
         print(f"parity onnxruntime vs PyTorch at {sizes}, batches {args.verify_batches} (agreement per PyTorch label):")
         print("\n".join(parity.report()))
@@ -105,8 +128,15 @@ def main(argv=None) -> int:
         print(f"wrote {out} ({len(data) / 2**20:.1f} MiB)")
         model_dir = triton_model_dir(out) if args.triton_config else None
         if model_dir is not None:
-            config = write_triton_config(model, model_dir, "onnxruntime_onnx", source=out.name, max_batch_size=args.max_batch_size,
-                                         max_queue_delay_us=args.max_queue_delay_us, warmup=warmup)
+            config = write_triton_config(
+                model,
+                model_dir,
+                "onnxruntime_onnx",
+                source=out.name,
+                max_batch_size=args.max_batch_size,
+                max_queue_delay_us=args.max_queue_delay_us,
+                warmup=warmup,
+            )
             print(f"wrote {config}")
     except OSError as err:
         return fail(f"cannot write {err.filename or out}: {err.strerror or err}", 2)

@@ -50,8 +50,10 @@ def check_profile(low: Shape, opt: Shape, high: Shape, graph_dims: list[int] | N
     names = "NHWC"
     for axis in range(4):
         if not low[axis] <= opt[axis] <= high[axis]:
-            raise ValueError(f"profile needs min <= opt <= max in every dimension; {names[axis]} is "
-                             f"{low[axis]}, {opt[axis]}, {high[axis]}")
+            raise ValueError(
+                f"profile needs min <= opt <= max in every dimension; {names[axis]} is "
+                f"{low[axis]}, {opt[axis]}, {high[axis]}"
+            )
     if graph_dims is not None:
         if len(graph_dims) != 4:
             raise ValueError(f"the ONNX input {IMAGES!r} has {len(graph_dims)} dimensions, expected 4 (NHWC)")
@@ -62,6 +64,7 @@ def check_profile(low: Shape, opt: Shape, high: Shape, graph_dims: list[int] | N
 
 def check_shapes(low: Shape, opt: Shape, high: Shape) -> list[Shape]:
     """The engine is checked at opt, at min, and at an odd size between with the largest batch."""
+
     def odd_between(a: int, b: int) -> int:
         middle = (a + b) // 2
         return middle if middle % 2 or middle + 1 > b else middle + 1
@@ -74,8 +77,10 @@ def load_tensorrt():
     try:
         import tensorrt as trt
     except (ImportError, OSError) as err:
-        raise Missing(f"TensorRT is not available ({err}); build engines on a machine with an NVIDIA GPU "
-                      "after `pip install tensorrt`") from None
+        raise Missing(
+            f"TensorRT is not available ({err}); build engines on a machine with an NVIDIA GPU "
+            "after `pip install tensorrt`"
+        ) from None
     try:
         import torch
     except ImportError:
@@ -89,7 +94,9 @@ def build_engine(trt, onnx_path: Path, shapes: tuple[Shape, Shape, Shape], args,
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch; older versions need the flag.
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = (
+        0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    )
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -141,8 +148,19 @@ class EngineRunner:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {getattr(trt, k): v for k, v in {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32,
-                       "int64": torch.int64, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}.items() if hasattr(trt, k)}
+        self.dtypes = {
+            getattr(trt, k): v
+            for k, v in {
+                "float32": torch.float32,
+                "float16": torch.float16,
+                "int32": torch.int32,
+                "int64": torch.int64,
+                "int8": torch.int8,
+                "uint8": torch.uint8,
+                "bool": torch.bool,
+            }.items()
+            if hasattr(trt, k)
+        }
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -180,12 +198,20 @@ def get_args(argv=None):
     parser.add_argument("--calib-cache", help="calibration cache (default: beside --out)")
     parser.add_argument("--timing-cache", help="read (if present) and update this timing cache: faster rebuilds")
     parser.add_argument("--workspace-gb", type=float, default=4.0, help="builder scratch memory limit")
-    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                        help="compare the engine with onnxruntime before writing it")
+    parser.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare the engine with onnxruntime before writing it",
+    )
     parser.add_argument("--atol", type=float, help="max |delta| of float outputs (default by precision)")
     parser.add_argument("--min-agreement", type=float, help="label agreement fraction (default by precision)")
-    parser.add_argument("--triton-config", action=argparse.BooleanOptionalAction, default=True,
-                        help="write <repo>/<model>/config.pbtxt when --out is <repo>/<model>/<version>/model.plan")
+    parser.add_argument(
+        "--triton-config",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write <repo>/<model>/config.pbtxt when --out is <repo>/<model>/<version>/model.plan",
+    )
     return parser.parse_args(argv)
 
 
@@ -195,8 +221,14 @@ def write_plan_config(onnx_model: onnx.ModelProto, plan_path: Path, shapes: tupl
     if model_dir is None:
         return None
     opt = shapes[1]
-    return write_triton_config(onnx_model, model_dir, "tensorrt_plan", source=f"{plan_path.name} (built from ONNX)",
-                               max_batch_size=shapes[2][0], warmup=(opt[0], opt[1], opt[2]))
+    return write_triton_config(
+        onnx_model,
+        model_dir,
+        "tensorrt_plan",
+        source=f"{plan_path.name} (built from ONNX)",
+        max_batch_size=shapes[2][0],
+        warmup=(opt[0], opt[1], opt[2]),
+    )
 
 
 def fail(message: str, code: int) -> int:
@@ -248,20 +280,28 @@ def main(argv=None) -> int:
         plan = build_engine(trt, onnx_path, shapes, args, calibrator)
     except RuntimeError as err:
         return fail(str(err), 1)
-    print(f"built {mode} engine from {onnx_path} in {time.perf_counter() - tic:.0f} s, profile "
-          + " / ".join("x".join(map(str, s)) for s in shapes))
+    print(
+        f"built {mode} engine from {onnx_path} in {time.perf_counter() - tic:.0f} s, profile "
+        + " / ".join("x".join(map(str, s)) for s in shapes)
+    )
     if args.check:
         atol, agreement = TOLERANCES[mode]
-        parity = Parity(metadata.class_names, metadata.groups,
-                        args.atol if args.atol is not None else atol,
-                        args.min_agreement if args.min_agreement is not None else agreement)
+        parity = Parity(
+            metadata.class_names,
+            metadata.groups,
+            args.atol if args.atol is not None else atol,
+            args.min_agreement if args.min_agreement is not None else agreement,
+        )
         engine, session = EngineRunner(trt, plan), cpu_session(onnx_path)
         names = [o.name for o in graph.graph.output]
         for index, shape in enumerate(check_shapes(*shapes)):
             sample = random_images(*shape[:3], seed=index)
             parity.add(run_onnxruntime(session, sample, names), engine(sample), "x".join(map(str, shape)))
-        print(f"engine vs onnxruntime ({mode}) at " + ", ".join("x".join(map(str, s)) for s in check_shapes(*shapes))
-              + " (agreement per onnxruntime label):")
+        print(
+            f"engine vs onnxruntime ({mode}) at "
+            + ", ".join("x".join(map(str, s)) for s in check_shapes(*shapes))
+            + " (agreement per onnxruntime label):"
+        )
         print("\n".join(parity.report()))
         if parity.failures():
             return fail(f"engine check failed, {out} not written: {'; '.join(parity.failures())}", 1)

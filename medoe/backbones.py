@@ -97,7 +97,9 @@ class ResNetC(nn.Module):
         strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if output_stride == 8 else ((1, 2, 2, 1), (1, 1, 1, 2))
         self.channels: list[int] = []
         cin = stem
-        for index, (depth, width, stride, dilation) in enumerate(zip(depths, widths, strides, dilations, strict=True), 1):
+        for index, (depth, width, stride, dilation) in enumerate(
+            zip(depths, widths, strides, dilations, strict=True), 1
+        ):
             layer, cin = self._make_layer(block, cin, width, depth, stride, dilation)
             self.add_module(f"layer{index}", layer)
             self.channels.append(cin)
@@ -133,9 +135,9 @@ def _source_to_ours(key: str, deep_stem: bool) -> str | None:
     # timm `resnet*c`/`resnet*d` deep stem: conv1.{0,1,3,4,6} + bn1; mmseg: stem.* (identity).
     # torchvision's conv1/bn1 belong to a 7x7 stem that has no counterpart here: None.
     if key.startswith("conv1."):
-        return "stem." + key[len("conv1."):] if deep_stem else None
+        return "stem." + key[len("conv1.") :] if deep_stem else None
     if key.startswith("bn1."):
-        return "stem.7." + key[len("bn1."):] if deep_stem else None
+        return "stem.7." + key[len("bn1.") :] if deep_stem else None
     return key
 
 

@@ -131,7 +131,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", t
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f"{directory / WEIGHTS} does not match its config.json: {str(err).splitlines()[-1].strip()}") from None
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not match its config.json: {str(err).splitlines()[-1].strip()}"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{directory / WEIGHTS} does not match its config.json: "

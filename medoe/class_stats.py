@@ -27,9 +27,7 @@ def default_thresholds(num_experts: int) -> tuple[float, ...]:
     # group) keep the same meaning whatever K is; extra experts only subdivide the body, which
     # keeps results for different K comparable on the head and tail classes.
     if num_experts < 2:
-        raise ValueError(
-            f"num_experts must be >= 2 (got {num_experts}); MEDOE needs at least a head and a tail expert"
-        )
+        raise ValueError(f"num_experts must be >= 2 (got {num_experts}); MEDOE needs at least a head and a tail expert")
     if num_experts == 2:
         return (0.80,)
     # Rounding removes linspace noise such as 0.8749999999 so thresholds print and compare cleanly.
@@ -43,9 +41,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
             "thresholds is empty; give K-1 increasing values in (0, 1) for K groups, e.g. (0.80, 0.95)"
         )
     if any(not 0.0 < t < 1.0 for t in values) or any(a >= b for a, b in pairwise(values)):
-        raise GroupSplitError(
-            f"thresholds must be strictly increasing and inside (0, 1), got {values}"
-        )
+        raise GroupSplitError(f"thresholds must be strictly increasing and inside (0, 1), got {values}")
     return values
 
 
@@ -54,22 +50,16 @@ def _ranking(pixel_counts: np.ndarray) -> np.ndarray:
     return np.argsort(-pixel_counts, kind="stable")
 
 
-def split_groups(
-    pixel_counts: Sequence[int] | np.ndarray, thresholds: Sequence[float]
-) -> list[list[int]]:
+def split_groups(pixel_counts: Sequence[int] | np.ndarray, thresholds: Sequence[float]) -> list[list[int]]:
     values = _check_thresholds(thresholds)
     counts = np.asarray(pixel_counts, dtype=np.int64)
     if counts.ndim != 1 or counts.size == 0:
-        raise GroupSplitError(
-            f"pixel_counts must be a non-empty 1-D sequence, got shape {counts.shape}"
-        )
+        raise GroupSplitError(f"pixel_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
     if (counts < 0).any():
         raise GroupSplitError("pixel_counts must be non-negative")
     total = int(counts.sum())
     if total == 0:
-        raise GroupSplitError(
-            "all pixel counts are zero; compute class statistics on labelled training images"
-        )
+        raise GroupSplitError("all pixel counts are zero; compute class statistics on labelled training images")
 
     order = _ranking(counts)
     # Share of all classes ranked before each class; integer cumsum then one division keeps an
@@ -85,7 +75,8 @@ def split_groups(
         shares = ", ".join(f"{c}:{counts[c] / total:.4f}" for c in order.tolist())
         raise GroupSplitError(
             f"group(s) {empty} of {len(groups)} are empty with thresholds {values}; "
-            f"class shares in rank order are [{shares}]; choose thresholds that separate these shares or use fewer experts"
+            f"class shares in rank order are [{shares}]; choose thresholds that separate these shares or use fewer "
+            "experts"
         )
     return groups
 
@@ -117,9 +108,7 @@ class ClassStats:
         if min(self.pixel_counts + self.image_counts + [self.num_images], default=0) < 0:
             raise ValueError("pixel_counts, image_counts and num_images must be non-negative")
         if any(c > self.num_images for c in self.image_counts):
-            raise ValueError(
-                f"an image count exceeds num_images={self.num_images}; recompute the statistics"
-            )
+            raise ValueError(f"an image count exceeds num_images={self.num_images}; recompute the statistics")
 
     @classmethod
     def from_label_maps(
@@ -136,7 +125,8 @@ class ClassStats:
                 bad = flat[(flat < 0) | (flat >= num_classes)]
                 if bad.size:
                     raise ValueError(
-                        f"label value {int(bad[0])} is outside [0, {num_classes}) and is not ignore_index={ignore_index}; "
+                        f"label value {int(bad[0])} is outside [0, {num_classes}) and is not "
+                        f"ignore_index={ignore_index}; "
                         "map it to a class id or to the ignore index first"
                     )
             counts = np.bincount(flat, minlength=num_classes)
@@ -172,18 +162,10 @@ class ClassStats:
     def from_dict(cls, data: dict) -> ClassStats:
         if not isinstance(data, dict):
             raise ValueError(f"class statistics must be a JSON object, got {type(data).__name__}")
-        missing = [
-            k
-            for k in ("class_names", "pixel_counts", "image_counts", "num_images")
-            if k not in data
-        ]
+        missing = [k for k in ("class_names", "pixel_counts", "image_counts", "num_images") if k not in data]
         if missing:
-            raise ValueError(
-                f"class statistics lack keys {missing}; regenerate the statistics file"
-            )
-        return cls(
-            data["class_names"], data["pixel_counts"], data["image_counts"], data["num_images"]
-        )
+            raise ValueError(f"class statistics lack keys {missing}; regenerate the statistics file")
+        return cls(data["class_names"], data["pixel_counts"], data["image_counts"], data["num_images"])
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
@@ -211,18 +193,14 @@ def _check_groups(groups: Sequence[Sequence[int]], num_classes: int | None = Non
     seen: set[int] = set()
     for k, members in enumerate(groups):
         if not members:
-            raise GroupSplitError(
-                f"group {k + 1} is empty; every expert group needs at least one class"
-            )
+            raise GroupSplitError(f"group {k + 1} is empty; every expert group needs at least one class")
         for c in members:
             if c < 0 or (num_classes is not None and c >= num_classes):
                 raise ValueError(
                     f"class id {c} in group {k + 1} is outside [0, {num_classes}); groups must use valid class ids"
                 )
             if c in seen:
-                raise ValueError(
-                    f"class id {c} appears in more than one group; groups must be disjoint"
-                )
+                raise ValueError(f"class id {c} appears in more than one group; groups must be disjoint")
             seen.add(c)
 
 
@@ -243,8 +221,6 @@ def expert_index_lut(groups: Sequence[Sequence[int]], ignore_index: int = 255) -
     for k, members in enumerate(groups):
         for c in members:
             if c == ignore_index:
-                raise ValueError(
-                    f"class id {c} equals ignore_index; class ids must differ from the ignore index"
-                )
+                raise ValueError(f"class id {c} equals ignore_index; class ids must differ from the ignore index")
             lut[c] = k
     return lut

@@ -27,7 +27,13 @@ MIXINGS = ("paper", "nested")
 BACKBONES = ("tiny", "resnet18c", "resnet50c", "resnet101c")
 CONTEXTS = ("aspp", "ppm", "ocr", "light")
 OPTIMIZERS = ("sgd", "adamw")
-DATASETS = ("synthetic", "aerial", "cityscapes", "ade20k", "folder")  # medoe.data.DATASETS, without importing the loaders
+DATASETS = (
+    "synthetic",
+    "aerial",
+    "cityscapes",
+    "ade20k",
+    "folder",
+)  # medoe.data.DATASETS, without importing the loaders
 GENERATED = ("synthetic", "aerial")  # drawn on the fly from (seed, split, index): same-size images, no root
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the named configs of `--config NAME`
 
@@ -66,8 +72,11 @@ class ModelConfig(_Checked):
     num_experts: int = 3  # K >= 2; expert k is trained on the classes of groups k..K
     stop_gradient: bool = True  # experts 2..K see detached features: only expert 1 trains the backbone
     decision_hidden: int = 64  # hidden width of the stage-2 decision maker (conv -> ReLU -> 1x1 conv)
-    decision_kernel: int = 1  # its first conv's size: 1 = one pixel's K*C probabilities (paper), 3 = a 3x3 neighbourhood
-    mixing: str = "paper"  # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
+    decision_kernel: int = (
+        1  # its first conv's size: 1 = one pixel's K*C probabilities (paper), 3 = a 3x3 neighbourhood
+    )
+    # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
+    mixing: str = "paper"
     dropout: float = 0.1  # dropout before each 1x1 classifier
     num_classes: int = 19  # C; every expert predicts all C classes so outputs can be ensembled
     class_names: list[str] = field(default_factory=list)  # C names, index order
@@ -80,14 +89,21 @@ class ModelConfig(_Checked):
     def validate(self) -> None:
         super().validate()
         k = self.num_experts
-        _check(len(self.group_thresholds) == k - 1 or self.model != "medoe",
-               f"group_thresholds={self.group_thresholds}, expected K-1 = {k - 1} values for num_experts={k}")
+        _check(
+            len(self.group_thresholds) == k - 1 or self.model != "medoe",
+            f"group_thresholds={self.group_thresholds}, expected K-1 = {k - 1} values for num_experts={k}",
+        )
         for name in ("class_names", "palette"):
             values = getattr(self, name)
-            _check(not values or len(values) == self.num_classes,
-                   f"{name} has {len(values)} entries, expected num_classes={self.num_classes} (or none)")
-        _check(self.ignore_index >= self.num_classes,
-               f"ignore_index={self.ignore_index}, expected a value >= num_classes={self.num_classes} (255): it is a class id")
+            _check(
+                not values or len(values) == self.num_classes,
+                f"{name} has {len(values)} entries, expected num_classes={self.num_classes} (or none)",
+            )
+        _check(
+            self.ignore_index >= self.num_classes,
+            f"ignore_index={self.ignore_index}, expected a value >= num_classes={self.num_classes} (255): it is a "
+            "class id",
+        )
 
     @property
     def is_medoe(self) -> bool:
@@ -108,16 +124,22 @@ class TrainConfig(_Checked):
     pretrained: str = ""  # local ImageNet state dict for the backbone (torchvision/timm/mmseg layout); "" = random init
     # --- losses --------------------------------------------------------------------------
     alpha: float = 0.2  # weight of the auxiliary (L2 + KL) term in every expert's stage-1 loss
-    expert_balance: float = 0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
+    expert_balance: float = (
+        0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
+    )
     stage2_holdout: float = 0.0  # share of training images stage 1 never sees; stage 2 learns on them only (0 = paper)
     select_balance: bool = False  # stage 2: inverse-frequency weights on the K selection targets
     select_balance_power: float = 1.0  # those weights are share_k ** -power (1 = inverse frequency, 0.5 = inverse sqrt)
     focal_gamma: float = 2.0  # focal baseline's gamma
     # --- data ----------------------------------------------------------------------------
-    dataset: str = "synthetic"  # synthetic (street scenes) | aerial (synthetic top-down suburbs) | cityscapes | ade20k | folder
+    dataset: str = (
+        "synthetic"  # synthetic (street scenes) | aerial (synthetic top-down suburbs) | cityscapes | ade20k | folder
+    )
     data_root: str = ""  # dataset root (unused for synthetic)
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # training crop, H W
-    synthetic_size: list[int] = field(default_factory=lambda: [256, 512])  # generated (synthetic, aerial) image size, H W
+    synthetic_size: list[int] = field(
+        default_factory=lambda: [256, 512]
+    )  # generated (synthetic, aerial) image size, H W
     synthetic_train_images: int = 2000  # synthetic images per epoch (generated on the fly)
     synthetic_val_images: int = 100  # held-out synthetic images
     # --- schedule ------------------------------------------------------------------------
@@ -224,11 +246,15 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "dropout": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     # Labels are uint8 maps with 255 = ignore, so at most 255 classes.
     "num_classes": ((lambda v: 2 <= v <= 255), "an integer in 2..255"),
-    "palette": ((lambda v: all(len(c) == 3 and all(0 <= x <= 255 for x in c) for c in v)),
-                "a list of [R, G, B] triples of integers in 0..255"),
+    "palette": (
+        (lambda v: all(len(c) == 3 and all(0 <= x <= 255 for x in c) for c in v)),
+        "a list of [R, G, B] triples of integers in 0..255",
+    ),
     "ignore_index": ((lambda v: 0 <= v <= 255), "an integer in 0..255"),
-    "group_thresholds": ((lambda v: all(0 < t < 1 for t in v) and all(a < b for a, b in itertools.pairwise(v))),
-                         "a list of numbers increasing strictly inside (0, 1)"),
+    "group_thresholds": (
+        (lambda v: all(0 < t < 1 for t in v) and all(a < b for a, b in itertools.pairwise(v))),
+        "a list of numbers increasing strictly inside (0, 1)",
+    ),
     "mean": _size(3, -math.inf, "a list of 3 finite numbers (RGB)"),
     "std": ((lambda v: len(v) == 3 and all(x > 0 for x in v)), "a list of 3 finite numbers > 0 (RGB)"),
     "alpha": ((lambda v: 0 <= v <= 1), "a number in [0, 1]"),
@@ -291,7 +317,14 @@ def _describe(hint, plural: bool = False) -> str:
         return " or ".join(_describe(a, plural) for a in args)
     if origin in (list, tuple):
         return ("lists of " if plural else "a list of ") + (_describe(args[0], True) if args else "values")
-    names = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
-             str: ("a string", "strings"), type(None): ("null", "nulls")}
-    single, many = names.get(hint, (f"a {getattr(hint, '__name__', hint)}", f"{getattr(hint, '__name__', hint)} values"))
+    names = {
+        bool: ("true or false", "booleans"),
+        int: ("an integer", "integers"),
+        float: ("a finite number", "finite numbers"),
+        str: ("a string", "strings"),
+        type(None): ("null", "nulls"),
+    }
+    single, many = names.get(
+        hint, (f"a {getattr(hint, '__name__', hint)}", f"{getattr(hint, '__name__', hint)} values")
+    )
     return many if plural else single

@@ -89,8 +89,9 @@ class ModelMetadata:
                 raise MetadataError(f"{source}: `{name}` is not valid JSON: {text[:80]!r}") from None
         names, palette = values["class_names"], values["palette"]
         if len(palette) != values["num_classes"] or len(names) != values["num_classes"]:
-            raise MetadataError(f"{source}: {len(names)} class names and {len(palette)} colours "
-                                f"for num_classes={values['num_classes']}")
+            raise MetadataError(
+                f"{source}: {len(names)} class names and {len(palette)} colours for num_classes={values['num_classes']}"
+            )
         values.setdefault("model_type", "unknown")
         values.setdefault("backbone", "unknown")
         values.setdefault("context", "unknown")

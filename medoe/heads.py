@@ -28,9 +28,7 @@ class ASPPHead(nn.Module):
         self.project = nn.Sequential(*conv_bn_relu(channels * (len(rates) + 2), channels, 1))
         low_channels = min(48, channels // 4)  # DeepLabv3+ squeezes the skip to 48 channels
         self.low_project = nn.Sequential(*conv_bn_relu(low, low_channels, 1))
-        self.fuse = nn.Sequential(
-            *conv_bn_relu(channels + low_channels, channels), *conv_bn_relu(channels, channels)
-        )
+        self.fuse = nn.Sequential(*conv_bn_relu(channels + low_channels, channels), *conv_bn_relu(channels, channels))
         self.out_channels = channels
 
     def forward(self, features: list[Tensor]) -> Tensor:
@@ -75,9 +73,7 @@ class PPMHead(nn.Module):
         super().__init__()
         top = in_channels[-1]
         # Index 0 stays the pooling so checkpoint keys keep their names (stages.{i}.1.weight).
-        self.stages = nn.ModuleList(
-            nn.Sequential(PPMHead.BinAverage(b), *conv_bn_relu(top, channels, 1)) for b in bins
-        )
+        self.stages = nn.ModuleList(nn.Sequential(PPMHead.BinAverage(b), *conv_bn_relu(top, channels, 1)) for b in bins)
         self.bottleneck = nn.Sequential(*conv_bn_relu(top + channels * len(bins), channels))
         self.out_channels = channels
 
@@ -102,7 +98,9 @@ class OCRHead(nn.Module):
         key_channels = max(channels // 2, 8)
         self.pixels = nn.Sequential(*conv_bn_relu(top, channels))
         self.regions = nn.Sequential(*conv_bn_relu(top, channels, 1), nn.Conv2d(channels, num_classes, 1))
-        self.query = nn.Sequential(*conv_bn_relu(channels, key_channels, 1), *conv_bn_relu(key_channels, key_channels, 1))
+        self.query = nn.Sequential(
+            *conv_bn_relu(channels, key_channels, 1), *conv_bn_relu(key_channels, key_channels, 1)
+        )
         self.key = nn.Sequential(*conv_bn_relu(channels, key_channels, 1), *conv_bn_relu(key_channels, key_channels, 1))
         self.value = nn.Sequential(*conv_bn_relu(channels, key_channels, 1))
         self.up = nn.Sequential(*conv_bn_relu(key_channels, channels, 1))

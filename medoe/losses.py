@@ -10,9 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _check_inputs(
-    logits: Tensor, target: Tensor, num_channels: int | None = None, what: str = "logits"
-) -> None:
+def _check_inputs(logits: Tensor, target: Tensor, num_channels: int | None = None, what: str = "logits") -> None:
     if logits.dim() != 4 or target.dim() != 3:
         raise ValueError(
             f"expected {what} [N,C,H,W] and target [N,H,W], got {tuple(logits.shape)} and {tuple(target.shape)}"
@@ -38,7 +36,8 @@ def _valid_mask(target: Tensor, num_classes: int, ignore_index: int) -> tuple[Te
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"target value {bad} is outside [0, {num_classes}) and is not ignore_index={ignore_index}; fix the label map"
+                f"target value {bad} is outside [0, {num_classes}) and is not ignore_index={ignore_index}; fix the "
+                "label map"
             )
     return valid, safe
 
@@ -56,9 +55,7 @@ def _zero(logits: Tensor) -> Tensor:
     return logits.sum() * 0
 
 
-def _in_set_mask(
-    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def _in_set_mask(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     _check_inputs(logits, target)
     num_classes = logits.shape[1]
     in_set = _check_set(in_set, num_classes).to(logits.device)
@@ -76,9 +73,7 @@ def masked_ce(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int 
     return (per_pixel * mask).sum() / count
 
 
-def l2_suppression(
-    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255
-) -> Tensor:
+def l2_suppression(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255) -> Tensor:
     _, valid, _ = _in_set_mask(logits, target, in_set, ignore_index)
     interfering = ~in_set.to(logits.device)
     count = int(valid.sum())
@@ -134,7 +129,11 @@ def expert_log_priors(pixel_counts: Sequence[int] | Tensor, expert_sets: Tensor,
 
 
 def expert_loss(
-    logits: Tensor, target: Tensor, in_set: Tensor, alpha: float = 0.2, ignore_index: int = 255,
+    logits: Tensor,
+    target: Tensor,
+    in_set: Tensor,
+    alpha: float = 0.2,
+    ignore_index: int = 255,
     adjustment: Tensor | None = None,
 ) -> ExpertLoss:
     if adjustment is not None:  # CE and KL see the adjusted logits; L2 acts on classes outside S_k, where it is 0
@@ -160,7 +159,8 @@ def stage1_loss(
         )
     if adjustments is not None and adjustments.shape != expert_sets.shape:
         raise ValueError(
-            f"adjustments has shape {tuple(adjustments.shape)}, expected {tuple(expert_sets.shape)} (one row per expert)"
+            f"adjustments has shape {tuple(adjustments.shape)}, expected {tuple(expert_sets.shape)} (one row per "
+            "expert)"
         )
     rows = [None] * len(expert_logits) if adjustments is None else list(adjustments)
     parts = [
@@ -212,9 +212,7 @@ def selection_balance_weights(
     # w_k ∝ share_k^-power: 1 is plain inverse frequency, smaller powers temper it.
     counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
     if counts.sum() <= 0:
-        raise ValueError(
-            "all pixel counts are zero; compute class statistics on labelled training images"
-        )
+        raise ValueError("all pixel counts are zero; compute class statistics on labelled training images")
     shares = torch.stack([counts[list(g)].sum() for g in groups]) / counts.sum()
     weights = torch.zeros_like(shares)
     present = shares > 0
@@ -224,9 +222,7 @@ def selection_balance_weights(
     return (weights / weights.mean()).float()
 
 
-def focal_loss(
-    logits: Tensor, target: Tensor, gamma: float = 2.0, ignore_index: int = 255
-) -> Tensor:
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, ignore_index: int = 255) -> Tensor:
     _check_inputs(logits, target)
     valid, safe = _valid_mask(target, logits.shape[1], ignore_index)
     count = int(valid.sum())
@@ -237,9 +233,7 @@ def focal_loss(
     return (loss * valid).sum() / count
 
 
-def weighted_ce(
-    logits: Tensor, target: Tensor, class_weights: Tensor, ignore_index: int = 255
-) -> Tensor:
+def weighted_ce(logits: Tensor, target: Tensor, class_weights: Tensor, ignore_index: int = 255) -> Tensor:
     _check_inputs(logits, target)
     num_classes = logits.shape[1]
     if class_weights.shape != (num_classes,):
@@ -258,9 +252,7 @@ def inverse_sqrt_frequency_weights(pixel_counts: Sequence[int] | Tensor) -> Tens
     counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
     present = counts > 0
     if not present.any():
-        raise ValueError(
-            "all pixel counts are zero; compute class statistics on labelled training images"
-        )
+        raise ValueError("all pixel counts are zero; compute class statistics on labelled training images")
     freq = counts / counts.sum()
     weights = torch.zeros_like(counts)
     weights[present] = freq[present].rsqrt()

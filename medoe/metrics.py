@@ -44,21 +44,16 @@ class SegMetrics:
             out[name] = {"mIoU": _nanmean(self.iou[idx]), "mAcc": _nanmean(self.acc[idx])}
         return out
 
-    def to_dict(
-        self, class_names: Sequence[str], groups: dict[str, list[int]] | None = None
-    ) -> dict:
+    def to_dict(self, class_names: Sequence[str], groups: dict[str, list[int]] | None = None) -> dict:
         if len(class_names) != len(self.iou):
-            raise ValueError(
-                f"got {len(class_names)} class names for {len(self.iou)} classes; pass one name per class"
-            )
+            raise ValueError(f"got {len(class_names)} class names for {len(self.iou)} classes; pass one name per class")
         group_values = self.group_means(groups) if groups else {}
         return {
             "aAcc": _percent_or_none(self.aAcc),
             "mIoU": _percent_or_none(self.mIoU),
             "mAcc": _percent_or_none(self.mAcc),
             "groups": {
-                name: {key: _percent_or_none(v) for key, v in values.items()}
-                for name, values in group_values.items()
+                name: {key: _percent_or_none(v) for key, v in values.items()} for name, values in group_values.items()
             },
             "per_class": [
                 {
@@ -73,11 +68,7 @@ class SegMetrics:
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
-    t = (
-        torch.from_numpy(np.ascontiguousarray(x))
-        if isinstance(x, np.ndarray)
-        else torch.as_tensor(x)
-    )
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(
             f"{name} must hold integer class ids, got dtype {t.dtype}; take argmax over the class axis first"
@@ -86,9 +77,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
 
 
 class ConfusionMatrix:
-    def __init__(
-        self, num_classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"
-    ) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: str | torch.device = "cpu") -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
@@ -113,13 +102,12 @@ class ConfusionMatrix:
         bad_target = target_t[(target_t < 0) | (target_t >= c)]
         if bad_target.numel():
             raise ValueError(
-                f"target value {int(bad_target[0])} is outside [0, {c}) and is not ignore_index={self.ignore_index}; fix the label map"
+                f"target value {int(bad_target[0])} is outside [0, {c}) and is not ignore_index={self.ignore_index}; "
+                "fix the label map"
             )
         bad_pred = pred_t[(pred_t < 0) | (pred_t >= c)]
         if bad_pred.numel():
-            raise ValueError(
-                f"prediction value {int(bad_pred[0])} is outside [0, {c}); predictions must be class ids"
-            )
+            raise ValueError(f"prediction value {int(bad_pred[0])} is outside [0, {c}); predictions must be class ids")
         self.mat += torch.bincount(c * target_t + pred_t, minlength=c * c).reshape(c, c)
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:

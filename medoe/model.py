@@ -90,7 +90,9 @@ class BaselineModel(SegmentationModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         in_channels = self.backbone.channels
-        context = build_context(config.context, in_channels, config.decoder_channels, config.num_classes, config.output_stride)
+        context = build_context(
+            config.context, in_channels, config.decoder_channels, config.num_classes, config.output_stride
+        )
         self.decoder = Expert(context, config.num_classes, config.dropout)
 
     def logits(self, images: Tensor) -> Tensor:
@@ -111,7 +113,13 @@ class MEDOE(SegmentationModel):
         experts = []
         for index in range(k):
             name = "light" if index > 0 and config.light_experts else config.context
-            experts.append(Expert(build_context(name, in_channels, config.decoder_channels, c, config.output_stride), c, config.dropout))
+            experts.append(
+                Expert(
+                    build_context(name, in_channels, config.decoder_channels, c, config.output_stride),
+                    c,
+                    config.dropout,
+                )
+            )
         self.experts = nn.ModuleList(experts)
         self.decision = self.new_decision_maker(config)
         # label -> 0-based index of the expert that owns it (y_se - 1); 255 = not owned.

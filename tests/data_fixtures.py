@@ -39,8 +39,9 @@ def mask_from_values(values, height: int, width: int) -> np.ndarray:
     return flat.reshape(height, width)
 
 
-def make_cityscapes(root: Path, split: str = "val", cities=("aachen", "bochum"), per_city: int = 2,
-                    size=(8, 16)) -> list[str]:
+def make_cityscapes(
+    root: Path, split: str = "val", cities=("aachen", "bochum"), per_city: int = 2, size=(8, 16)
+) -> list[str]:
     """Writes leftImg8bit/gtFine pairs; returns the sample stems in sorted order."""
     stems = []
     ids = list(CITYSCAPES_ID_TO_TRAIN)
@@ -54,8 +55,9 @@ def make_cityscapes(root: Path, split: str = "val", cities=("aachen", "bochum"),
     return sorted(stems)
 
 
-def make_ade20k(root: Path, split_dir: str = "validation", count: int = 2, size=(8, 12),
-                values=(0, 1, 2, 75, 150)) -> Path:
+def make_ade20k(
+    root: Path, split_dir: str = "validation", count: int = 2, size=(8, 12), values=(0, 1, 2, 75, 150)
+) -> Path:
     """Writes ADEChallengeData2016/{images,annotations}/<split_dir>; returns the dataset folder."""
     ade = root / "ADEChallengeData2016"
     for k in range(count):
@@ -65,8 +67,9 @@ def make_ade20k(root: Path, split_dir: str = "validation", count: int = 2, size=
     return ade
 
 
-def make_folder(root: Path, split: str = "train", classes=("background", "road", "car"),
-                size=(10, 14), palette=None) -> Path:
+def make_folder(
+    root: Path, split: str = "train", classes=("background", "road", "car"), size=(10, 14), palette=None
+) -> Path:
     """Writes one .png and one .jpg image with annotations plus classes.txt (with a blank line)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(classes[:1]) + "\n\n" + "\n".join(classes[1:]) + "\n")

@@ -9,8 +9,7 @@ from medoe.data.aerial import main as aerial_main
 from medoe.data.folder import FolderDataset
 from medoe.data.generated import _groups
 
-NAMES = ["bare ground", "grass", "road", "building", "tree", "water", "car", "swimming pool", "boat",
-         "solar panel"]
+NAMES = ["bare ground", "grass", "road", "building", "tree", "water", "car", "swimming pool", "boat", "solar panel"]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +19,7 @@ def train_stats():
     counts, presence = np.zeros(ds.num_classes), np.zeros(ds.num_classes)
     for i in range(len(ds)):
         per_image = np.bincount(ds.label_map(i).ravel(), minlength=256)
-        assert per_image[ds.num_classes:].sum() == 0  # every pixel is one of the 10 classes
+        assert per_image[ds.num_classes :].sum() == 0  # every pixel is one of the 10 classes
         counts += per_image[: ds.num_classes]
         presence += per_image[: ds.num_classes] > 0
     shares = counts / counts.sum()
@@ -36,8 +35,11 @@ def test_classes_and_palette():
 
 def test_designed_long_tail(train_stats):
     shares, groups, presence = train_stats
-    assert groups == {"head": {"bare ground", "grass", "road", "building"}, "body": {"tree", "water"},
-                      "tail": {"car", "swimming pool", "boat", "solar panel"}}, shares
+    assert groups == {
+        "head": {"bare ground", "grass", "road", "building"},
+        "body": {"tree", "water"},
+        "tail": {"car", "swimming pool", "boat", "solar panel"},
+    }, shares
     assert all(shares[name] < 0.015 for name in groups["tail"]), shares
     assert shares["boat"] < 0.005 and shares["solar panel"] < 0.005, shares
     assert sum(shares[name] for name in groups["tail"]) < 0.05
@@ -85,8 +87,7 @@ def test_cli_stats_and_out(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["classes"] == NAMES and set(stats["groups"]) == {"head", "body", "tail"}
     assert abs(sum(stats["pixel_share"]) - 1.0) < 1e-4
-    assert aerial_main(["--out", str(tmp_path), "--num", "2", "--height", "48", "--width", "96",
-                        "--split", "val"]) == 0
+    assert aerial_main(["--out", str(tmp_path), "--num", "2", "--height", "48", "--width", "96", "--split", "val"]) == 0
     folder, aerial = FolderDataset(tmp_path, split="val"), SyntheticAerial(2, 48, 96, split="val")
     assert folder.class_names == aerial.class_names and folder.palette == aerial.palette
     for i in range(2):

@@ -12,8 +12,16 @@ from medoe.model import build_model
 
 
 def make(model_type="medoe"):
-    config = ModelConfig(model=model_type, backbone="tiny", context="ppm", num_classes=4, decoder_channels=16,
-                         decision_hidden=8, class_names=list("abcd"), palette=[[i, i, i] for i in range(4)])
+    config = ModelConfig(
+        model=model_type,
+        backbone="tiny",
+        context="ppm",
+        num_classes=4,
+        decoder_channels=16,
+        decision_hidden=8,
+        class_names=list("abcd"),
+        palette=[[i, i, i] for i in range(4)],
+    )
     torch.manual_seed(0)
     model = build_model(config).eval()
     if model_type == "medoe":
@@ -68,7 +76,9 @@ def test_corrupt_weights_are_a_clear_error(tmp_path):
 def test_config_that_does_not_match_the_weights(tmp_path):
     model, stats = make()
     save_checkpoint(tmp_path / "ckpt", model, stats)
-    TrainConfig(network=model.config.replace(num_classes=5, class_names=[], palette=[])).save(tmp_path / "ckpt" / "config.json")
+    TrainConfig(network=model.config.replace(num_classes=5, class_names=[], palette=[])).save(
+        tmp_path / "ckpt" / "config.json"
+    )
     with pytest.raises(CheckpointError, match="does not match its config.json"):
         load_checkpoint(tmp_path / "ckpt")
 

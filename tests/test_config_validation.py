@@ -16,21 +16,64 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (field, bad value); each must be refused naming the field.
 BAD_VALUES = [
-    ("iters", "many"), ("iters", -5), ("iters", 0), ("iters", 2.5), ("iters", True), ("iters", None),
-    ("lr", "0.05"), ("lr", 0), ("lr", -0.1), ("lr", float("nan")), ("lr", False),
-    ("stage2_lr", 0.0), ("stage2_iters", -1), ("batch_size", 0), ("num_workers", -1), ("seed", -1),
-    ("alpha", 1.5), ("alpha", -0.1), ("dropout", 1.0), ("momentum", 1.0), ("weight_decay", -1e-4),
-    ("poly_power", -1), ("focal_gamma", -2), ("select_balance_power", -0.5),
-    ("amp", "false"), ("amp", 1), ("select_balance", "yes"),
-    ("model", 3), ("model", "unet"), ("backbone", "resnet34"), ("optimizer", "adam"), ("dataset", "imagenet"),
-    ("output_stride", 32), ("num_experts", 1), ("num_classes", 1), ("decoder_channels", 0), ("decision_hidden", 0),
-    ("group_thresholds", 0.8), ("group_thresholds", [0.95, 0.8]), ("group_thresholds", [0.8, 1.0]),
+    ("iters", "many"),
+    ("iters", -5),
+    ("iters", 0),
+    ("iters", 2.5),
+    ("iters", True),
+    ("iters", None),
+    ("lr", "0.05"),
+    ("lr", 0),
+    ("lr", -0.1),
+    ("lr", float("nan")),
+    ("lr", False),
+    ("stage2_lr", 0.0),
+    ("stage2_iters", -1),
+    ("batch_size", 0),
+    ("num_workers", -1),
+    ("seed", -1),
+    ("alpha", 1.5),
+    ("alpha", -0.1),
+    ("dropout", 1.0),
+    ("momentum", 1.0),
+    ("weight_decay", -1e-4),
+    ("poly_power", -1),
+    ("focal_gamma", -2),
+    ("select_balance_power", -0.5),
+    ("amp", "false"),
+    ("amp", 1),
+    ("select_balance", "yes"),
+    ("model", 3),
+    ("model", "unet"),
+    ("backbone", "resnet34"),
+    ("optimizer", "adam"),
+    ("dataset", "imagenet"),
+    ("output_stride", 32),
+    ("num_experts", 1),
+    ("num_classes", 1),
+    ("decoder_channels", 0),
+    ("decision_hidden", 0),
+    ("group_thresholds", 0.8),
+    ("group_thresholds", [0.95, 0.8]),
+    ("group_thresholds", [0.8, 1.0]),
     ("group_thresholds", [0.8, "0.95"]),
-    ("crop_size", [512]), ("crop_size", [512, "1024"]), ("crop_size", [0, 64]), ("crop_size", "512x512"),
-    ("synthetic_size", [64, -1]), ("synthetic_train_images", 0), ("synthetic_val_images", 0),
-    ("class_names", "road"), ("class_names", [1, 2]), ("palette", [[0, 0, 256]] * 19), ("palette", [[0, 0]] * 19),
-    ("mean", [1, 2]), ("std", [1, 0, 1]), ("ignore_index", 300), ("ignore_index", 3),
-    ("pretrained", 0), ("data_root", ["a"]),
+    ("crop_size", [512]),
+    ("crop_size", [512, "1024"]),
+    ("crop_size", [0, 64]),
+    ("crop_size", "512x512"),
+    ("synthetic_size", [64, -1]),
+    ("synthetic_train_images", 0),
+    ("synthetic_val_images", 0),
+    ("class_names", "road"),
+    ("class_names", [1, 2]),
+    ("palette", [[0, 0, 256]] * 19),
+    ("palette", [[0, 0]] * 19),
+    ("mean", [1, 2]),
+    ("std", [1, 0, 1]),
+    ("ignore_index", 300),
+    ("ignore_index", 3),
+    ("pretrained", 0),
+    ("data_root", ["a"]),
 ]
 
 
@@ -100,12 +143,19 @@ def test_a_bad_cli_override_exits_2_before_any_work(tmp_path, capsys):
     assert not work.exists()
 
 
-@pytest.mark.parametrize("values, field", [
-    ({"iters": "many"}, "iters"), ({"lr": "0.05"}, "lr"), ({"iters": -5}, "iters"), ({"batch_sise": 2}, "batch_sise")])
+@pytest.mark.parametrize(
+    "values, field",
+    [({"iters": "many"}, "iters"), ({"lr": "0.05"}, "lr"), ({"iters": -5}, "iters"), ({"batch_sise": 2}, "batch_sise")],
+)
 def test_the_training_cli_exits_2_with_one_line_before_any_work(tmp_path, values, field):
     path, work = write(tmp_path, values), tmp_path / "w"
-    result = subprocess.run([sys.executable, "-m", "training.train", "--config", str(path), "--work-dir", str(work)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", str(path), "--work-dir", str(work)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], result.stderr

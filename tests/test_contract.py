@@ -24,10 +24,19 @@ def names(tensors) -> list[str]:
 
 
 def metadata(**changes) -> ModelMetadata:
-    values = dict(model_type="medoe", backbone="tiny", context="aspp", num_classes=3, class_names=["a", "b", "c"],
-                  palette=[[1, 2, 3], [4, 5, 6], [7, 8, 9]], groups={"head": [0], "body": [1], "tail": [2]},
-                  group_thresholds=[0.8, 0.95], num_experts=2, expert_groups=[[0, 1], [2]],
-                  outputs=list(contract.DEFAULT_OUTPUTS))
+    values = dict(
+        model_type="medoe",
+        backbone="tiny",
+        context="aspp",
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        palette=[[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+        groups={"head": [0], "body": [1], "tail": [2]},
+        group_thresholds=[0.8, 0.95],
+        num_experts=2,
+        expert_groups=[[0, 1], [2]],
+        outputs=list(contract.DEFAULT_OUTPUTS),
+    )
     values.update(changes)
     return ModelMetadata(**values)
 
@@ -54,7 +63,9 @@ def test_the_python_model_configs_use_the_contract_names():
     assert names(postprocess.output) == list(contract.SEGMENT_OUTPUTS)
 
 
-@pytest.mark.skipif(not (REPOSITORY / contract.MODEL / "config.pbtxt").is_file(), reason="the shipped model is not exported")
+@pytest.mark.skipif(
+    not (REPOSITORY / contract.MODEL / "config.pbtxt").is_file(), reason="the shipped model is not exported"
+)
 def test_the_generated_model_config_carries_the_metadata():
     config = read_config(contract.MODEL)
     assert names(config.input) == [contract.IMAGES]
@@ -79,11 +90,14 @@ def test_triton_parameters_reads_http_and_grpc_json():
     assert contract.triton_parameters({}) == {}
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda p: p.pop("palette"), "has no palette"),
-    (lambda p: p.update(palette="[[1, 2"), "`palette` is not valid JSON"),
-    (lambda p: p.update(class_names='["a"]'), "1 class names and 3 colours"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p.pop("palette"), "has no palette"),
+        (lambda p: p.update(palette="[[1, 2"), "`palette` is not valid JSON"),
+        (lambda p: p.update(class_names='["a"]'), "1 class names and 3 colours"),
+    ],
+)
 def test_bad_metadata_is_named_in_one_line(change, message):
     props = metadata().to_props()
     change(props)

@@ -24,18 +24,45 @@ def test_each_rank_gets_its_own_slice_of_the_global_batch():
 
 def test_torchrun_two_cpu_processes(tmp_path):
     values = json.loads((REPO / "configs/deeplabv3plus_tiny_synthetic_cpu.json").read_text())
-    values.update(synthetic_size=[64, 128], crop_size=[64, 64], synthetic_train_images=16,
-                  synthetic_val_images=4, batch_size=2, num_workers=0, decoder_channels=8, decision_hidden=8)
+    values.update(
+        synthetic_size=[64, 128],
+        crop_size=[64, 64],
+        synthetic_train_images=16,
+        synthetic_val_images=4,
+        batch_size=2,
+        num_workers=0,
+        decoder_channels=8,
+        decision_hidden=8,
+    )
     config = tmp_path / "small.json"
     config.write_text(json.dumps(values))
     work = tmp_path / "run"
     # Drop any launcher variables of an enclosing job so this is a fresh two-process world.
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    }
     env["PYTHONPATH"] = str(REPO)
     # Evaluation stays on: it runs on rank 0 alone after training and must not wait for rank 1.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training.train", "--config", str(config), "--work-dir", str(work),
-               "--iters", "3", "--stage2-iters", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "training.train",
+        "--config",
+        str(config),
+        "--work-dir",
+        str(work),
+        "--iters",
+        "3",
+        "--stage2-iters",
+        "1",
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(f"saved {work / 'final'}") == 1, result.stdout
@@ -44,5 +71,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [(r["stage"], r["iter"]) for r in log] == [(1, 1), (1, 2), (1, 3), (2, 1)]
     for name in ("stage1", "final", "last"):
         assert (work / name / "model.safetensors").is_file()
-    assert sorted(p.name for p in work.iterdir()) == ["class_stats.json", "final", "last", "log.jsonl", "metrics.json", "stage1"]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "class_stats.json",
+        "final",
+        "last",
+        "log.jsonl",
+        "metrics.json",
+        "stage1",
+    ]
     assert set(json.loads((work / "metrics.json").read_text())) >= {"mIoU", "oracle"}

@@ -25,12 +25,34 @@ def checkpoint(tmp_path_factory):
     """One tiny MEDOE run (64x128 images, 64x64 crops) shared by the whole module."""
     root = tmp_path_factory.mktemp("evaluate")
     values = json.loads((REPO / "configs/deeplabv3plus_tiny_synthetic_cpu.json").read_text())
-    values.update(synthetic_size=[64, 128], crop_size=[64, 64], synthetic_train_images=16,
-                  synthetic_val_images=4, batch_size=2, num_workers=0, decoder_channels=8, decision_hidden=8)
+    values.update(
+        synthetic_size=[64, 128],
+        crop_size=[64, 64],
+        synthetic_train_images=16,
+        synthetic_val_images=4,
+        batch_size=2,
+        num_workers=0,
+        decoder_channels=8,
+        decision_hidden=8,
+    )
     (root / "small.json").write_text(json.dumps(values))
     work = root / "run"
-    assert train.main(["--config", str(root / "small.json"), "--work-dir", str(work), "--iters", "2",
-                       "--stage2-iters", "1", "--no-eval"]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                str(root / "small.json"),
+                "--work-dir",
+                str(work),
+                "--iters",
+                "2",
+                "--stage2-iters",
+                "1",
+                "--no-eval",
+            ]
+        )
+        == 0
+    )
     return work / "final"
 
 
@@ -112,7 +134,9 @@ def test_slide_equals_whole_when_the_crop_covers_the_image(loaded, whole_metrics
     with torch.no_grad():
         whole, slid = model(images), slide_inference(lambda x, _: model(x), images, [64, 128])
         assert torch.equal(slid.probs, whole.probs)
-        assert torch.equal(slide_inference(model.oracle, images, [80, 160], labels).labels, model.oracle(images, labels).labels)
+        assert torch.equal(
+            slide_inference(model.oracle, images, [80, 160], labels).labels, model.oracle(images, labels).labels
+        )
     covering = config.replace(crop_size=[64, 128])
     assert evaluate.evaluate(model, dataset, torch.device("cpu"), covering, stats, slide=True) == whole_metrics
 
@@ -154,9 +178,14 @@ def test_plot_comparison_and_bad_class_counts(tmp_path, loaded, whole_metrics):
 
 
 def test_missing_checkpoint_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", "absent", "--out", "m.json", "--slide"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--checkpoint", "absent", "--out", "m.json", "--slide"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == ["error: checkpoint directory not found: absent"]
 
@@ -171,7 +200,10 @@ def test_in_process_errors_are_one_line(tmp_path, checkpoint, capsys):
     blocker.write_text("")
     for argv, message in [
         (["--checkpoint", str(bare), "--out", str(tmp_path / "m.json")], "has no class_stats.json"),
-        (["--checkpoint", str(checkpoint), "--out", str(blocker / "m.json"), "--no-plot"], "error: cannot write results"),
+        (
+            ["--checkpoint", str(checkpoint), "--out", str(blocker / "m.json"), "--no-plot"],
+            "error: cannot write results",
+        ),
     ]:
         assert evaluate.main(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()

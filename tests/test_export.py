@@ -30,8 +30,16 @@ SMALL = ["--verify-sizes", "48x64", "37x45", "64x80", "--verify-batches", "1", "
 
 
 def make_checkpoint(directory: Path, model_type: str = "medoe", context: str = "aspp") -> Path:
-    config = ModelConfig(model=model_type, backbone="tiny", context=context, num_classes=5, decoder_channels=8,
-                         decision_hidden=8, class_names=NAMES, palette=[[i * 40, 255 - i * 40, 7] for i in range(5)])
+    config = ModelConfig(
+        model=model_type,
+        backbone="tiny",
+        context=context,
+        num_classes=5,
+        decoder_channels=8,
+        decision_hidden=8,
+        class_names=NAMES,
+        palette=[[i * 40, 255 - i * 40, 7] for i in range(5)],
+    )
     torch.manual_seed(0)
     model = build_model(config).eval()
     # He-initialised convolutions and random biases: a fresh model otherwise predicts one
@@ -63,14 +71,23 @@ def assert_config_matches_graph(config, model: onnx.ModelProto, platform: str) -
             assert list(entry.dims) == [d.dim_value or -1 for d in tensor.shape.dim][1:]
     expected = {p.key: p.value for p in model.metadata_props}
     if platform == "onnxruntime_onnx":  # the pixel limits serving/onnx_model.py enforces
-        expected |= {"max_pixels": str(DEFAULT_MAX_PIXELS), "max_batch_pixels": str(DEFAULT_MAX_BATCH_PIXELS),
-                     "arena_max_pixels": str(ARENA_MAX_PIXELS)}
+        expected |= {
+            "max_pixels": str(DEFAULT_MAX_PIXELS),
+            "max_batch_pixels": str(DEFAULT_MAX_BATCH_PIXELS),
+            "arena_max_pixels": str(ARENA_MAX_PIXELS),
+        }
     assert expected == {k: v.string_value for k, v in config.parameters.items()}
 
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.mark.parametrize("model_type", ["medoe", "baseline"])
@@ -107,7 +124,12 @@ def test_export_matches_pytorch_at_sizes_other_than_the_traced_one(tmp_path, cap
 @pytest.mark.parametrize("model_type", ["medoe", "baseline"])
 def test_metadata_round_trip(tmp_path, model_type):
     out = tmp_path / "model.onnx"
-    assert to_onnx.main(["--checkpoint", str(make_checkpoint(tmp_path / "ckpt", model_type)), "--out", str(out), "--no-verify"]) == 0
+    assert (
+        to_onnx.main(
+            ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt", model_type)), "--out", str(out), "--no-verify"]
+        )
+        == 0
+    )
     meta = read_graph_metadata(onnx.load(str(out)))
     assert meta.class_names == NAMES and meta.num_classes == 5 and meta.model_type == model_type
     assert meta.palette == [[i * 40, 255 - i * 40, 7] for i in range(5)]
@@ -119,8 +141,20 @@ def test_metadata_round_trip(tmp_path, model_type):
 
 def test_probs_output_is_optional_and_sums_to_one(tmp_path):
     out = tmp_path / "model.onnx"
-    args = ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt", "baseline", "ppm")), "--out", str(out),
-            "--outputs", "labels", "confidence", "probs", "--verify-sizes", "37x45", "--verify-batches", "1"]
+    args = [
+        "--checkpoint",
+        str(make_checkpoint(tmp_path / "ckpt", "baseline", "ppm")),
+        "--out",
+        str(out),
+        "--outputs",
+        "labels",
+        "confidence",
+        "probs",
+        "--verify-sizes",
+        "37x45",
+        "--verify-batches",
+        "1",
+    ]
     assert to_onnx.main(args) == 0
     probs = to_onnx.run_onnxruntime(cpu_session(out), random_images(1, 30, 50, 1), ["probs"])["probs"]
     assert probs.shape == (1, 5, 30, 50)
@@ -130,8 +164,20 @@ def test_probs_output_is_optional_and_sums_to_one(tmp_path):
 def test_dynamo_exporter_is_exact_too(tmp_path, capsys):
     pytest.importorskip("onnxscript")
     out = tmp_path / "model.onnx"
-    args = ["--checkpoint", str(make_checkpoint(tmp_path / "ckpt", "medoe", "ppm")), "--out", str(out), "--exporter", "dynamo",
-            "--verify-sizes", "48x64", "37x45", "--verify-batches", "1", "3"]
+    args = [
+        "--checkpoint",
+        str(make_checkpoint(tmp_path / "ckpt", "medoe", "ppm")),
+        "--out",
+        str(out),
+        "--exporter",
+        "dynamo",
+        "--verify-sizes",
+        "48x64",
+        "37x45",
+        "--verify-batches",
+        "1",
+        "3",
+    ]
     assert to_onnx.main(args) == 0, capsys.readouterr().err
     model = onnx.load(str(out))
     assert model.opset_import[0].version >= 18 and not any(n.op_type == "Softmax" for n in model.graph.node)
@@ -169,16 +215,27 @@ def test_corrupt_checkpoint_exits_2_with_one_line(tmp_path):
 def test_unwritable_out_exits_2_with_one_line(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     (tmp_path / "file").write_text("a file where a directory should be")
-    result = run_cli("-m", "export.to_onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "file" / "m.onnx"), cwd=tmp_path)
+    result = run_cli(
+        "-m",
+        "export.to_onnx",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "file" / "m.onnx"),
+        cwd=tmp_path,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: cannot write")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--outputs", "expert_weights"], "no expert_weights output"),
-    (["--opset", "13"], "opset 17 or newer"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--outputs", "expert_weights"], "no expert_weights output"),
+        (["--opset", "13"], "opset 17 or newer"),
+    ],
+)
 def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
     checkpoint = make_checkpoint(tmp_path / "ckpt", "baseline")
     assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx"), *args]) == 2
@@ -197,8 +254,13 @@ def test_ppm_pooling_equals_adaptive_average_pooling_at_any_size():
             torch.testing.assert_close(PPMHead.BinAverage(bins)(x), expected, rtol=1e-6, atol=1e-5)
     keys = list(PPMHead([16, 32, 64, 128], 8).state_dict())
     assert [k for k in keys if k.startswith("stages.0.")] == [  # checkpoints keep loading
-        "stages.0.1.weight", "stages.0.2.weight", "stages.0.2.bias", "stages.0.2.running_mean",
-        "stages.0.2.running_var", "stages.0.2.num_batches_tracked"]
+        "stages.0.1.weight",
+        "stages.0.2.weight",
+        "stages.0.2.bias",
+        "stages.0.2.running_mean",
+        "stages.0.2.running_var",
+        "stages.0.2.num_batches_tracked",
+    ]
 
 
 def test_bench_writes_markdown_and_goals(tmp_path):
@@ -208,8 +270,10 @@ def test_bench_writes_markdown_and_goals(tmp_path):
     assert bench.main(args) == 0
     report = json.loads((tmp_path / "benchmark_inference.json").read_text())
     assert {"machine", "date", "command", "goals"} <= set(report)
-    assert [g["name"] for g in report["goals"]] == ["onnxruntime_over_pytorch_throughput_medoe_b1",
-                                                    "onnxruntime_over_pytorch_throughput_medoe_b2",
-                                                    "medoe_over_baseline_latency_onnxruntime_b1"]
+    assert [g["name"] for g in report["goals"]] == [
+        "onnxruntime_over_pytorch_throughput_medoe_b1",
+        "onnxruntime_over_pytorch_throughput_medoe_b2",
+        "medoe_over_baseline_latency_onnxruntime_b1",
+    ]
     assert all(set(g) == {"name", "measured", "target", "op", "met"} for g in report["goals"])
     assert "random weights" in (tmp_path / "benchmark_inference.md").read_text()

@@ -7,7 +7,9 @@ from medoe.model import build_model
 
 
 def tiny_medoe(**changes):
-    config = ModelConfig(backbone="tiny", context="aspp", num_classes=4, decoder_channels=16, decision_hidden=8, **changes)
+    config = ModelConfig(
+        backbone="tiny", context="aspp", num_classes=4, decoder_channels=16, decision_hidden=8, **changes
+    )
     model = build_model(config)
     model.set_groups([[0], [1], [2, 3]])
     return model

@@ -40,6 +40,7 @@ def opencv(array: np.ndarray, ext: str, *params) -> bytes:
 def png_chunks(ihdr: bytes, idat: bytes, *extra: bytes) -> bytes:
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(extra) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
@@ -56,9 +57,10 @@ def png_raw(samples: np.ndarray, depth: int, colour: int, interlaced: bool = Fal
         if depth == 16:
             packed = flat.astype(">u2").view(np.uint8)
         else:  # the low `depth` bits of each sample, packed from the high bit on
-            bits = np.unpackbits(flat.astype(np.uint8)[..., None], axis=-1)[..., 8 - depth:]
+            bits = np.unpackbits(flat.astype(np.uint8)[..., None], axis=-1)[..., 8 - depth :]
             packed = np.packbits(bits.reshape(len(flat), -1), axis=1)
         return b"".join(b"\x00" + row.tobytes() for row in packed)
+
     passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
     raw = b"".join(rows(samples[y0::dy, x0::dx]) for x0, y0, dx, dy in passes if width > x0 and height > y0)
     return png_chunks(struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, int(interlaced)), zlib.compress(raw))
@@ -93,36 +95,69 @@ def rgba() -> np.ndarray:
 # (file bytes, expected RGB, largest difference allowed): lossy codecs only come close.
 LAYOUTS = {
     "JPEG RGB": (lambda: pillow(Image.fromarray(SMOOTH), "JPEG", quality=95), lambda: SMOOTH, 16),
-    "JPEG grey": (lambda: pillow(Image.fromarray(SMOOTH[..., 0]), "JPEG", quality=95), lambda: grey_rgb(SMOOTH[..., 0]), 8),
+    "JPEG grey": (
+        lambda: pillow(Image.fromarray(SMOOTH[..., 0]), "JPEG", quality=95),
+        lambda: grey_rgb(SMOOTH[..., 0]),
+        8,
+    ),
     "JPEG CMYK": (lambda: pillow(Image.fromarray(SMOOTH).convert("CMYK"), "JPEG", quality=95), lambda: SMOOTH, 16),
     "PNG RGB": (lambda: pillow(Image.fromarray(RGB), "PNG"), lambda: RGB, 0),
     "PNG grey": (lambda: pillow(Image.fromarray(GREY), "PNG"), lambda: grey_rgb(GREY), 0),
-    "PNG grey 1-bit": (lambda: pillow(Image.fromarray(GREY > 128), "PNG"), lambda: grey_rgb((GREY > 128) * np.uint8(255)), 0),
+    "PNG grey 1-bit": (
+        lambda: pillow(Image.fromarray(GREY > 128), "PNG"),
+        lambda: grey_rgb((GREY > 128) * np.uint8(255)),
+        0,
+    ),
     "PNG grey 2-bit": (lambda: png_raw(GREY >> 6, 2, 0), lambda: grey_rgb((GREY >> 6) * np.uint8(85)), 0),
-    "PNG grey+alpha": (lambda: pillow(Image.fromarray(np.dstack([GREY, ALPHA]), "LA"), "PNG"), lambda: grey_rgb(GREY), 0),
+    "PNG grey+alpha": (
+        lambda: pillow(Image.fromarray(np.dstack([GREY, ALPHA]), "LA"), "PNG"),
+        lambda: grey_rgb(GREY),
+        0,
+    ),
     "PNG palette": (lambda: pillow(palette_image(), "PNG"), lambda: np.asarray(palette_image().convert("RGB")), 0),
-    "PNG palette 4-bit": (lambda: pillow(palette_image(), "PNG", bits=4), lambda: np.asarray(palette_image().convert("RGB")), 0),
-    "PNG palette+transparency": (lambda: pillow(transparent_palette_image(), "PNG"),
-                                 lambda: np.asarray(palette_image().convert("RGB")), 0),
+    "PNG palette 4-bit": (
+        lambda: pillow(palette_image(), "PNG", bits=4),
+        lambda: np.asarray(palette_image().convert("RGB")),
+        0,
+    ),
+    "PNG palette+transparency": (
+        lambda: pillow(transparent_palette_image(), "PNG"),
+        lambda: np.asarray(palette_image().convert("RGB")),
+        0,
+    ),
     "PNG RGBA": (lambda: pillow(Image.fromarray(rgba()), "PNG"), lambda: RGB, 0),
     "PNG grey 16-bit": (lambda: opencv(WIDE16[..., 0], ".png"), lambda: grey_rgb(round16(WIDE16[..., 0])), 0),
-    "PNG grey+alpha 16-bit": (lambda: png_16_bit_grey_alpha(WIDE16[..., 0], WIDE16[..., 1]),
-                              lambda: grey_rgb(round16(WIDE16[..., 0])), 0),
+    "PNG grey+alpha 16-bit": (
+        lambda: png_16_bit_grey_alpha(WIDE16[..., 0], WIDE16[..., 1]),
+        lambda: grey_rgb(round16(WIDE16[..., 0])),
+        0,
+    ),
     "PNG RGB 16-bit": (lambda: opencv(WIDE16[..., ::-1], ".png"), lambda: round16(WIDE16), 0),
-    "PNG RGBA 16-bit": (lambda: opencv(np.dstack([WIDE16[..., ::-1], WIDE16[..., :1]]), ".png"), lambda: round16(WIDE16), 0),
+    "PNG RGBA 16-bit": (
+        lambda: opencv(np.dstack([WIDE16[..., ::-1], WIDE16[..., :1]]), ".png"),
+        lambda: round16(WIDE16),
+        0,
+    ),
     "PNG RGB interlaced": (lambda: png_raw(RGB, 8, 2, interlaced=True), lambda: RGB, 0),
     "PNG RGB 16-bit interlaced": (lambda: png_raw(WIDE16, 16, 2, interlaced=True), lambda: round16(WIDE16), 0),
     "BMP RGB": (lambda: opencv(RGB[..., ::-1], ".bmp"), lambda: RGB, 0),
     "BMP grey": (lambda: pillow(Image.fromarray(GREY), "BMP"), lambda: grey_rgb(GREY), 0),
-    "BMP 1-bit": (lambda: pillow(Image.fromarray(GREY > 128), "BMP"), lambda: grey_rgb((GREY > 128) * np.uint8(255)), 0),
+    "BMP 1-bit": (
+        lambda: pillow(Image.fromarray(GREY > 128), "BMP"),
+        lambda: grey_rgb((GREY > 128) * np.uint8(255)),
+        0,
+    ),
     "BMP palette": (lambda: pillow(palette_image(), "BMP"), lambda: np.asarray(palette_image().convert("RGB")), 0),
     "BMP RGBA 32-bit": (lambda: opencv(np.dstack([RGB[..., ::-1], ALPHA]), ".bmp"), lambda: RGB, 0),
     "WebP RGB": (lambda: pillow(Image.fromarray(RGB), "WEBP", lossless=True), lambda: RGB, 0),
     "WebP grey": (lambda: pillow(Image.fromarray(GREY), "WEBP", lossless=True), lambda: grey_rgb(GREY), 0),
     # exact: keep the colour under transparent pixels, which the rule says is what gets segmented
     "WebP RGBA": (lambda: pillow(Image.fromarray(rgba()), "WEBP", lossless=True, exact=True), lambda: RGB, 0),
-    "WebP RGBA lossy": (lambda: pillow(Image.fromarray(np.dstack([SMOOTH, ALPHA])), "WEBP", quality=95, exact=True),
-                        lambda: SMOOTH, 16),
+    "WebP RGBA lossy": (
+        lambda: pillow(Image.fromarray(np.dstack([SMOOTH, ALPHA])), "WEBP", quality=95, exact=True),
+        lambda: SMOOTH,
+        16,
+    ),
 }
 
 
@@ -147,8 +182,10 @@ def test_16_bit_rounds_to_nearest_not_truncates():
     np.testing.assert_array_equal(decoded[..., 0], [[0, 1, 128, 156, 255]])
 
 
-@pytest.mark.parametrize("fmt, options, tolerance", [
-    ("JPEG", {"quality": 95}, 40), ("PNG", {}, 0), ("WEBP", {"lossless": True, "exact": True}, 0)])
+@pytest.mark.parametrize(
+    "fmt, options, tolerance",
+    [("JPEG", {"quality": 95}, 40), ("PNG", {}, 0), ("WEBP", {"lossless": True, "exact": True}, 0)],
+)
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied_in_every_format(fmt, options, tolerance, orientation):
     exif = Image.Exif()
@@ -175,10 +212,26 @@ def test_animation_gives_the_first_frame(fmt):
 def tiff_bomb() -> bytes:
     # A deflate-compressed 30000x30000 grey TIFF in ~9 kB, like the one OpenCV spent 25 s and
     # 5.2 GB on before its own size check refused it.
-    ifd = [(256, 3, 1, 30000), (257, 3, 1, 30000), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
-           (273, 4, 1, 8 + 2 + 12 * 9 + 4), (277, 3, 1, 1), (278, 3, 1, 30000), (279, 4, 1, 9000)]
+    ifd = [
+        (256, 3, 1, 30000),
+        (257, 3, 1, 30000),
+        (258, 3, 1, 8),
+        (259, 3, 1, 8),
+        (262, 3, 1, 1),
+        (273, 4, 1, 8 + 2 + 12 * 9 + 4),
+        (277, 3, 1, 1),
+        (278, 3, 1, 30000),
+        (279, 4, 1, 9000),
+    ]
     entries = b"".join(struct.pack("<HHII", tag, kind, count, value) for tag, kind, count, value in ifd)
-    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(ifd)) + entries + b"\x00" * 4 + zlib.compress(b"\x00" * 9_000_000)[:9000]
+    return (
+        b"II*\x00"
+        + struct.pack("<I", 8)
+        + struct.pack("<H", len(ifd))
+        + entries
+        + b"\x00" * 4
+        + zlib.compress(b"\x00" * 9_000_000)[:9000]
+    )
 
 
 REFUSED = {
@@ -201,6 +254,7 @@ REFUSED = {
 def no_decoding(monkeypatch):
     def refuse(*args):
         raise AssertionError("a decoder ran: the refusal came too late")
+
     monkeypatch.setattr(decode.cv2, "imdecode", refuse)
     monkeypatch.setattr(decode.PngImagePlugin.PngImageFile, "load", refuse)  # 1- to 8-bit PNG
 
@@ -225,7 +279,7 @@ def huge(fmt: str) -> bytes:
     if fmt == "JPEG":
         data = bytearray(pillow(Image.fromarray(RGB), "JPEG"))
         sof = data.index(b"\xff\xc0")
-        data[sof + 5:sof + 9] = struct.pack(">HH", 30000, 30000)
+        data[sof + 5 : sof + 9] = struct.pack(">HH", 30000, 30000)
         return bytes(data)
     if fmt == "BMP":
         data = bytearray(opencv(RGB, ".bmp"))
@@ -236,7 +290,13 @@ def huge(fmt: str) -> bytes:
 
 def webp_canvas(width: int, height: int, image_chunk: bytes) -> bytes:
     """An extended (VP8X) WebP whose canvas says width x height around the given image chunk."""
-    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    vp8x = (
+        b"VP8X"
+        + struct.pack("<I", 10)
+        + bytes(4)
+        + (width - 1).to_bytes(3, "little")
+        + (height - 1).to_bytes(3, "little")
+    )
     body = b"WEBP" + vp8x + image_chunk
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
@@ -264,6 +324,7 @@ def test_png_is_decoded_at_its_header_size_whatever_its_data_holds(depth):
     def png(width, height, rows, row_bytes):
         raw = (b"\x00" + bytes(row_bytes)) * rows
         return png_chunks(struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0), zlib.compress(raw))
+
     pixel = 3 * depth // 8
     assert decode_image(png(16, 16, 2000, pixel * 2000)).shape == (16, 16, 3)  # surplus data ignored
     with pytest.raises(ValueError, match="corrupt or truncated PNG"):
@@ -342,18 +403,24 @@ def empty_chunk(kind: bytes) -> bytes:
 STRUCTURE_BOMBS = {
     "PNG: 830000 empty chunks before the image data": (
         lambda: small_png()[:33] + empty_chunk(b"abCd") * 830_000 + small_png()[33:],
-        "PNG has more than 1000 chunks before its image data, over the limit"),
+        "PNG has more than 1000 chunks before its image data, over the limit",
+    ),
     "PNG: 830000 empty chunks after it": (
         lambda: small_png()[:-12] + empty_chunk(b"abCd") * 830_000 + small_png()[-12:],
-        "PNG has more than 100000 chunks, over the limit"),
+        "PNG has more than 100000 chunks, over the limit",
+    ),
     "JPEG: 2500000 empty comments": (
         lambda: b"\xff\xd8" + b"\xff\xfe\x00\x02" * 2_500_000 + pillow(Image.fromarray(SMOOTH), "JPEG")[2:],
-        "JPEG has more than 2000 markers before its image data, over the limit"),
+        "JPEG has more than 2000 markers before its image data, over the limit",
+    ),
     "JPEG: 10 MB of fill bytes before a marker": (
-        lambda: b"\xff\xd8" + b"\xff" * 10_000_000 + pillow(Image.fromarray(SMOOTH), "JPEG")[2:], None),
+        lambda: b"\xff\xd8" + b"\xff" * 10_000_000 + pillow(Image.fromarray(SMOOTH), "JPEG")[2:],
+        None,
+    ),
     "WebP: 1250000 empty chunks": (
         lambda: small_webp_with_chunks((b"abcd" + bytes(4)) * 1_250_000),
-        "WebP has more than 100000 chunks, over the limit"),
+        "WebP has more than 100000 chunks, over the limit",
+    ),
 }
 
 
@@ -374,7 +441,9 @@ def test_jpeg_with_data_after_its_end_is_decoded():
     # Motion photos append a video; random data holds a scan marker (0xFF 0xDA) every 64 kB on
     # average, which the image must not be refused for.
     data = pillow(Image.fromarray(SMOOTH), "JPEG", quality=95)
-    np.testing.assert_array_equal(decode_image(data + bytes(100) + b"\xff\xda\x00\x08" + bytes(100)), decode_image(data))
+    np.testing.assert_array_equal(
+        decode_image(data + bytes(100) + b"\xff\xda\x00\x08" + bytes(100)), decode_image(data)
+    )
 
 
 def test_jpeg_other_than_8_bits_is_refused_from_its_header(no_decoding):
@@ -401,6 +470,6 @@ def test_png_chunk_longer_than_the_data_is_refused_before_decoding(no_decoding):
     # OpenCV 4.11 allocated and zero-filled the 2.6 GB such a 2 kB file declared (1.5 s, 2.5 GB).
     data = bytearray(pillow(Image.fromarray(RGB), "PNG"))
     length = data.index(b"IDAT") - 4
-    data[length:length + 4] = struct.pack(">I", 2_617_248_035)
+    data[length : length + 4] = struct.pack(">I", 2_617_248_035)
     with pytest.raises(ValueError, match="corrupt or truncated PNG: a chunk declares 2617248035 bytes, past the end"):
         decode_image(bytes(data))

@@ -67,8 +67,11 @@ def check_probes(deployment: dict) -> list[str]:
     problems = []
     c = container(deployment)
     http_ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-    for probe, path in (("livenessProbe", "/v2/health/live"), ("readinessProbe", "/v2/health/ready"),
-                        ("startupProbe", "/v2/health/live")):
+    for probe, path in (
+        ("livenessProbe", "/v2/health/live"),
+        ("readinessProbe", "/v2/health/ready"),
+        ("startupProbe", "/v2/health/live"),
+    ):
         get = c.get(probe, {}).get("httpGet", {})
         if get.get("path") != path:
             problems.append(f"{probe} path is {get.get('path')!r}, not {path}")
@@ -114,7 +117,9 @@ def check_ports_and_selectors(deployment: dict, service: dict) -> list[str]:
     if {p["name"] for p in service["spec"]["ports"]} != set(container_ports):
         problems.append("the Service does not expose every named container port")
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
-    if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != str(container_ports.get("metrics")):
+    if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != str(
+        container_ports.get("metrics")
+    ):
         problems.append("the pod is not annotated for a Prometheus scrape of the metrics port")
     return problems
 
@@ -135,7 +140,9 @@ def check_server_args(deployment: dict) -> list[str]:
         problems.append(f"--grpc-port is {values}, not 8001")
     # HTTP and metrics must go through the proxy that deploy/serve.sh starts (serving/proxy.py).
     if args[:2] != ["/opt/medoe/serve.sh", "tritonserver"]:
-        problems.append(f"the container runs {args[:2]}, not /opt/medoe/serve.sh tritonserver (Triton behind the proxy)")
+        problems.append(
+            f"the container runs {args[:2]}, not /opt/medoe/serve.sh tritonserver (Triton behind the proxy)"
+        )
     for flag in ("--http-address", "--http-port", "--metrics-address", "--metrics-port"):
         if any(a.startswith(flag + "=") for a in args):
             problems.append(f"{flag} is set: serve.sh puts Triton's HTTP and metrics on Unix sockets behind the proxy")
@@ -159,7 +166,11 @@ def check_security(deployment: dict) -> list[str]:
 def check_hpa(hpa: dict, deployment: dict, adapter: dict) -> list[str]:
     problems = []
     target = hpa["spec"]["scaleTargetRef"]
-    if (target.get("kind"), target.get("name"), target.get("apiVersion")) != ("Deployment", deployment["metadata"]["name"], "apps/v1"):
+    if (target.get("kind"), target.get("name"), target.get("apiVersion")) != (
+        "Deployment",
+        deployment["metadata"]["name"],
+        "apps/v1",
+    ):
         problems.append(f"the HPA targets {target}, not Deployment {deployment['metadata']['name']}")
     if not 1 <= hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"]:
         problems.append("minReplicas/maxReplicas are inconsistent")
@@ -174,7 +185,9 @@ def check_hpa(hpa: dict, deployment: dict, adapter: dict) -> list[str]:
     if rule is None:
         return problems + [f"HPA metric {name!r} is not defined by the adapter rules ({sorted(defined)})"]
     query = rule["metricsQuery"]
-    if not re.search(r"rate\(nv_inference_queue_duration_us\{.*\}\[\w+\]\)\)\s*/.*rate\(nv_inference_request_success\{", query, re.S):
+    if not re.search(
+        r"rate\(nv_inference_queue_duration_us\{.*\}\[\w+\]\)\)\s*/.*rate\(nv_inference_request_success\{", query, re.S
+    ):
         problems.append(f"{name} is not rate(queue duration) / rate(successful requests): {query}")
     series = re.match(r"\s*(\w+)", rule["seriesQuery"]).group(1)
     if series != "nv_inference_queue_duration_us" or not re.search(rule["name"]["matches"], series):
@@ -189,14 +202,23 @@ def check_hpa(hpa: dict, deployment: dict, adapter: dict) -> list[str]:
         config = REPO / "model_repository" / "medoe" / "config.pbtxt"
         delay = re.search(r"max_queue_delay_microseconds:\s*(\d+)", config.read_text()) if config.is_file() else None
         if delay and float(target_value["averageValue"]) <= 10 * int(delay.group(1)):
-            problems.append(f"target {target_value['averageValue']} us is not well above max_queue_delay_microseconds {delay.group(1)}")
+            problems.append(
+                f"target {target_value['averageValue']} us is not well above max_queue_delay_microseconds "
+                f"{delay.group(1)}"
+            )
     return problems
 
 
 def all_problems(m: dict) -> list[str]:
     d = m["deployment"]
-    return (check_probes(d) + check_gpu(d) + check_ports_and_selectors(d, m["service"])
-            + check_server_args(d) + check_security(d) + check_hpa(m["hpa"], d, m["adapter"]))
+    return (
+        check_probes(d)
+        + check_gpu(d)
+        + check_ports_and_selectors(d, m["service"])
+        + check_server_args(d)
+        + check_security(d)
+        + check_hpa(m["hpa"], d, m["adapter"])
+    )
 
 
 def test_manifests_agree_with_each_other_and_the_image(manifests):
@@ -219,27 +241,76 @@ def _triton(m):
 
 
 MUTATIONS = {
-    "liveness on the ready path": (lambda m: _triton(m)["livenessProbe"]["httpGet"].update(path="/v2/health/ready"), "livenessProbe path"),
-    "readiness on the metrics port": (lambda m: _triton(m)["readinessProbe"]["httpGet"].update(port="metrics"), "readinessProbe is not on the http port"),
+    "liveness on the ready path": (
+        lambda m: _triton(m)["livenessProbe"]["httpGet"].update(path="/v2/health/ready"),
+        "livenessProbe path",
+    ),
+    "readiness on the metrics port": (
+        lambda m: _triton(m)["readinessProbe"]["httpGet"].update(port="metrics"),
+        "readinessProbe is not on the http port",
+    ),
     "no GPU limit": (lambda m: _triton(m)["resources"]["limits"].pop("nvidia.com/gpu"), "limits nvidia.com/gpu"),
-    "GPU request != limit": (lambda m: _triton(m)["resources"]["requests"].update({"nvidia.com/gpu": 2}), "request differs"),
-    "Service targets a missing port": (lambda m: m["service"]["spec"]["ports"][1].update(targetPort="grpc-web"), "not a container port"),
-    "Service port renumbered": (lambda m: m["service"]["spec"]["ports"][0].update(port=80), "does not match the container"),
-    "Service selector off": (lambda m: m["service"]["spec"]["selector"].update({"app.kubernetes.io/name": "other"}), "Service selector"),
-    "Deployment selector off": (lambda m: m["deployment"]["spec"]["selector"]["matchLabels"].update(tier="x"), "Deployment selector"),
-    "no scrape annotation": (lambda m: m["deployment"]["spec"]["template"]["metadata"]["annotations"].pop("prometheus.io/scrape"), "Prometheus scrape"),
-    "model control explicit": (lambda m: _triton(m).update(args=[a.replace("=none", "=explicit") for a in _triton(m)["args"]]), "--model-control-mode=none"),
+    "GPU request != limit": (
+        lambda m: _triton(m)["resources"]["requests"].update({"nvidia.com/gpu": 2}),
+        "request differs",
+    ),
+    "Service targets a missing port": (
+        lambda m: m["service"]["spec"]["ports"][1].update(targetPort="grpc-web"),
+        "not a container port",
+    ),
+    "Service port renumbered": (
+        lambda m: m["service"]["spec"]["ports"][0].update(port=80),
+        "does not match the container",
+    ),
+    "Service selector off": (
+        lambda m: m["service"]["spec"]["selector"].update({"app.kubernetes.io/name": "other"}),
+        "Service selector",
+    ),
+    "Deployment selector off": (
+        lambda m: m["deployment"]["spec"]["selector"]["matchLabels"].update(tier="x"),
+        "Deployment selector",
+    ),
+    "no scrape annotation": (
+        lambda m: m["deployment"]["spec"]["template"]["metadata"]["annotations"].pop("prometheus.io/scrape"),
+        "Prometheus scrape",
+    ),
+    "model control explicit": (
+        lambda m: _triton(m).update(args=[a.replace("=none", "=explicit") for a in _triton(m)["args"]]),
+        "--model-control-mode=none",
+    ),
     "Triton's HTTP on TCP": (lambda m: _triton(m)["args"].append("--http-port=8000"), "--http-port is set"),
     "no proxy": (lambda m: _triton(m).update(args=_triton(m)["args"][1:]), "not /opt/medoe/serve.sh"),
-    "root allowed": (lambda m: m["deployment"]["spec"]["template"]["spec"]["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
-    "another uid": (lambda m: m["deployment"]["spec"]["template"]["spec"]["securityContext"].update(runAsUser=1000), "runAsUser"),
-    "HPA targets another Deployment": (lambda m: m["hpa"]["spec"]["scaleTargetRef"].update(name="other"), "the HPA targets"),
-    "HPA metric undefined": (lambda m: m["hpa"]["spec"]["metrics"][0]["pods"]["metric"].update(name="gpu_util"), "not defined by the adapter rules"),
+    "root allowed": (
+        lambda m: m["deployment"]["spec"]["template"]["spec"]["securityContext"].update(runAsNonRoot=False),
+        "runAsNonRoot",
+    ),
+    "another uid": (
+        lambda m: m["deployment"]["spec"]["template"]["spec"]["securityContext"].update(runAsUser=1000),
+        "runAsUser",
+    ),
+    "HPA targets another Deployment": (
+        lambda m: m["hpa"]["spec"]["scaleTargetRef"].update(name="other"),
+        "the HPA targets",
+    ),
+    "HPA metric undefined": (
+        lambda m: m["hpa"]["spec"]["metrics"][0]["pods"]["metric"].update(name="gpu_util"),
+        "not defined by the adapter rules",
+    ),
     "Deployment sets replicas": (lambda m: m["deployment"]["spec"].update(replicas=2), "sets replicas"),
-    "target below the batcher delay": (lambda m: m["hpa"]["spec"]["metrics"][0]["pods"]["target"].update(averageValue="500"), "not well above"),
+    "target below the batcher delay": (
+        lambda m: m["hpa"]["spec"]["metrics"][0]["pods"]["target"].update(averageValue="500"),
+        "not well above",
+    ),
     "rule without the ratio": (
-        lambda m: m["adapter"]["data"].update({"config.yaml": m["adapter"]["data"]["config.yaml"].replace("nv_inference_request_success", "nv_inference_exec_count")}),
-        "is not rate(queue duration) / rate(successful requests)"),
+        lambda m: m["adapter"]["data"].update(
+            {
+                "config.yaml": m["adapter"]["data"]["config.yaml"].replace(
+                    "nv_inference_request_success", "nv_inference_exec_count"
+                )
+            }
+        ),
+        "is not rate(queue duration) / rate(successful requests)",
+    ),
 }
 
 

@@ -66,8 +66,12 @@ def top(name: str) -> str:
 
 
 def test_every_package_imports_only_what_is_below_it():
-    wrong = sorted(f"{module} imports {name}" for module, names in GRAPH.items() for name in names
-                   if top(name) in PACKAGES and top(name) != top(module) and top(name) not in ALLOWED[top(module)])
+    wrong = sorted(
+        f"{module} imports {name}"
+        for module, names in GRAPH.items()
+        for name in names
+        if top(name) in PACKAGES and top(name) != top(module) and top(name) not in ALLOWED[top(module)]
+    )
     assert wrong == []
 
 
@@ -99,8 +103,10 @@ def test_the_graph_is_read_from_real_files():
 def test_importing_the_client_and_processing_loads_no_torch():
     import subprocess
 
-    code = ("import sys, serving.client, serving.processing, serving.decode, serving.model_limits; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, serving.client, serving.processing, serving.decode, serving.model_limits; "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

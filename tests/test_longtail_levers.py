@@ -23,11 +23,15 @@ SETS = expert_sets([[0], [1], [2, 3]], 4)  # S_1 = all, S_2 = {1,2,3}, S_3 = {2,
 def test_log_priors_by_hand():
     adjust = expert_log_priors(COUNTS, SETS, tau=1.0)
     # Row k: log(count / largest count in S_k) inside S_k, 0 outside (and for S_k's top class).
-    expected = [[0, math.log(150 / 800), math.log(40 / 800), math.log(10 / 800)],
-                [0, 0, math.log(40 / 150), math.log(10 / 150)],
-                [0, 0, 0, math.log(10 / 40)]]
+    expected = [
+        [0, math.log(150 / 800), math.log(40 / 800), math.log(10 / 800)],
+        [0, 0, math.log(40 / 150), math.log(10 / 150)],
+        [0, 0, 0, math.log(10 / 40)],
+    ]
     torch.testing.assert_close(adjust, torch.tensor(expected), atol=1e-6, rtol=0)
-    torch.testing.assert_close(expert_log_priors(COUNTS, SETS, tau=0.5), 0.5 * torch.tensor(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        expert_log_priors(COUNTS, SETS, tau=0.5), 0.5 * torch.tensor(expected), atol=1e-6, rtol=0
+    )
     # A class without training pixels counts as one pixel, not log(0).
     assert torch.isfinite(expert_log_priors([5, 0, 1, 1], SETS, 1.0)).all()
 
@@ -50,7 +54,9 @@ def test_adjusted_expert_loss_is_balanced_softmax():
 
 
 def test_holdout_split_is_disjoint_seeded_and_off_at_zero():
-    config = TrainConfig.from_dict(dict(dataset="synthetic", synthetic_train_images=50, synthetic_size=[16, 32], num_classes=14))
+    config = TrainConfig.from_dict(
+        dict(dataset="synthetic", synthetic_train_images=50, synthetic_size=[16, 32], num_classes=14)
+    )
     dataset = get_dataset(config, "train")
     fit, held = split_holdout(dataset, 0.2, seed=3)
     assert len(held) == 10 and len(fit) == 40
@@ -87,14 +93,27 @@ def test_user_specified_ensembles_by_hand():
     assert rules["max_confidence"].item() == 0  # expert 3's 0.7 is the surest
     # Class means over owners: c0 = 0.4, c1 = (0.35 + 0.6) / 2, c2 = (0.25 + 0.3 + 0.2) / 3.
     assert rules["group_average"].item() == 1
-    assert gain_recovered({"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 50.0}, "moe": {"mIoU": 46.0}}) == pytest.approx(0.6)
+    assert gain_recovered(
+        {"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 50.0}, "moe": {"mIoU": 46.0}}
+    ) == pytest.approx(0.6)
     assert gain_recovered({"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 40.0}, "moe": {"mIoU": 46.0}}) is None
 
 
 @pytest.mark.parametrize("mixing", ["paper", "nested"])
 def test_diagnostics_agree_with_evaluate(mixing):
-    config = TrainConfig.from_dict(dict(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing=mixing,
-                                        synthetic_size=[32, 64], synthetic_val_images=6, crop_size=[32, 32], decision_kernel=3))
+    config = TrainConfig.from_dict(
+        dict(
+            backbone="tiny",
+            decoder_channels=8,
+            decision_hidden=8,
+            num_classes=14,
+            mixing=mixing,
+            synthetic_size=[32, 64],
+            synthetic_val_images=6,
+            crop_size=[32, 32],
+            decision_kernel=3,
+        )
+    )
     torch.manual_seed(0)
     model = MEDOE(config.network)
     from medoe.class_stats import ClassStats
@@ -116,8 +135,17 @@ def test_diagnostics_agree_with_evaluate(mixing):
 
 def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
     values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
-    values.update(synthetic_size=[32, 64], crop_size=[32, 32], synthetic_train_images=20, synthetic_val_images=2,
-                  batch_size=2, num_workers=0, decision_kernel=1, stage2_holdout=0.25, expert_balance=1.0)
+    values.update(
+        synthetic_size=[32, 64],
+        crop_size=[32, 32],
+        synthetic_train_images=20,
+        synthetic_val_images=2,
+        batch_size=2,
+        num_workers=0,
+        decision_kernel=1,
+        stage2_holdout=0.25,
+        expert_balance=1.0,
+    )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(values))
     work = tmp_path / "run"
@@ -136,7 +164,9 @@ def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
 
 
 def nested_model(**changes):
-    config = ModelConfig(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=4, mixing="nested", **changes)
+    config = ModelConfig(
+        backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=4, mixing="nested", **changes
+    )
     model = MEDOE(config)
     model.set_groups([[0], [1], [2, 3]])
     return model
@@ -164,7 +194,9 @@ def test_nested_forward_is_a_distribution_and_the_paper_mixing_is_unchanged():
     nested = nested_model()
     result = nested(images)
     torch.testing.assert_close(result.probs.sum(1), torch.ones(2, 32, 48), atol=1e-5, rtol=0)
-    torch.testing.assert_close(result.expert_weights.sum(1), torch.ones_like(result.expert_weights[:, 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        result.expert_weights.sum(1), torch.ones_like(result.expert_weights[:, 0]), atol=1e-5, rtol=0
+    )
     paper = MEDOE(nested.config.replace(mixing="paper"))
     paper.load_state_dict(nested.state_dict())
     probs = paper.expert_probs(images)
@@ -178,34 +210,79 @@ def test_benchmark_report_names_every_section_and_goal():
     from medoe.class_stats import ClassStats
     from medoe.model import BaselineModel
 
-    config = TrainConfig.from_dict(dict(backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=14, mixing="nested",
-                                        synthetic_size=[32, 64], synthetic_val_images=4, crop_size=[32, 32]))
+    config = TrainConfig.from_dict(
+        dict(
+            backbone="tiny",
+            decoder_channels=8,
+            decision_hidden=8,
+            num_classes=14,
+            mixing="nested",
+            synthetic_size=[32, 64],
+            synthetic_val_images=4,
+            crop_size=[32, 32],
+        )
+    )
     dataset = get_dataset(config, "val")
     stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
     torch.manual_seed(0)
     runs = {}
     for name in ("baseline", "reweight"):
         run = config.replace(model=name)
-        runs[name] = {"metrics": evaluate(BaselineModel(run.network), dataset, "cpu", run, stats),
-                      "params": 1, "config": run.to_dict(), "images": len(dataset)}
+        runs[name] = {
+            "metrics": evaluate(BaselineModel(run.network), dataset, "cpu", run, stats),
+            "params": 1,
+            "config": run.to_dict(),
+            "images": len(dataset),
+        }
     for name, alpha in (("medoe_paper", 0.2), ("medoe", 0.2), ("medoe_alpha0", 0.0)):
         run = config.replace(alpha=alpha)
         model = MEDOE(run.network)
         model.set_groups(stats.groups(config.network.group_thresholds))
         diagnostics = expert_diagnostics(model, dataset, "cpu", run, stats)
-        runs[name] = {"metrics": {**diagnostics["rules"]["moe"], "oracle": diagnostics["rules"]["oracle"]},
-                      "diagnostics": diagnostics, "diagnostics_stage2_images": diagnostics["experts"],
-                      "params": 2, "config": run.to_dict(), "images": len(dataset)}
+        runs[name] = {
+            "metrics": {**diagnostics["rules"]["moe"], "oracle": diagnostics["rules"]["oracle"]},
+            "diagnostics": diagnostics,
+            "diagnostics_stage2_images": diagnostics["experts"],
+            "params": 2,
+            "config": run.to_dict(),
+            "images": len(dataset),
+        }
     goals = goals_for("streets", runs)
     assert [g["name"] for g in goals] == [
-        "streets_medoe_mIoU_minus_reweight", "streets_medoe_tail_mAcc_minus_reweight", "streets_medoe_mIoU_minus_baseline",
-        "streets_medoe_tail_mAcc_minus_baseline", "streets_medoe_oracle_gain_recovered"]
-    report = {"machine": machine_info(), "date": "today", "command": "python -m bench.longtail", "split": "val",
-              "domains": {"streets": {"config": "c", "train_seconds": {"medoe": 1.0}, "runs": runs, "plot": "p.png",
-                                      "groups": {"head": ["road"], "body": [], "tail": []}}},
-              "alpha_plot": "a.png", "total_seconds": 60.0, "goals": goals}
+        "streets_medoe_mIoU_minus_reweight",
+        "streets_medoe_tail_mAcc_minus_reweight",
+        "streets_medoe_mIoU_minus_baseline",
+        "streets_medoe_tail_mAcc_minus_baseline",
+        "streets_medoe_oracle_gain_recovered",
+    ]
+    report = {
+        "machine": machine_info(),
+        "date": "today",
+        "command": "python -m bench.longtail",
+        "split": "val",
+        "domains": {
+            "streets": {
+                "config": "c",
+                "train_seconds": {"medoe": 1.0},
+                "runs": runs,
+                "plot": "p.png",
+                "groups": {"head": ["road"], "body": [], "tail": []},
+            }
+        },
+        "alpha_plot": "a.png",
+        "total_seconds": 60.0,
+        "goals": goals,
+    }
     text = "\n".join(markdown(report))
-    for part in ("## streets", "| group_prior |", "| softmax_threshold |", "selection (held-out)", "## alpha (Figure 5)",
-                 "| 0 |", "| 0.2 |", "streets_medoe_oracle_gain_recovered"):
+    for part in (
+        "## streets",
+        "| group_prior |",
+        "| softmax_threshold |",
+        "selection (held-out)",
+        "## alpha (Figure 5)",
+        "| 0 |",
+        "| 0.2 |",
+        "streets_medoe_oracle_gain_recovered",
+    ):
         assert part in text
     assert goals_for("streets", {n: r for n, r in runs.items() if n != "reweight"}) == []

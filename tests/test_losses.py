@@ -44,9 +44,7 @@ def softmax_by_hand(z):
 def test_masked_ce_by_hand():
     # Pixels labelled in {2, 3}: (0,2) label 2, (1,0) label 3, (1,2) label 2.
     expected = (
-        ce_by_hand(PIXEL_LOGITS[0][2], 2)
-        + ce_by_hand(PIXEL_LOGITS[1][0], 3)
-        + ce_by_hand(PIXEL_LOGITS[1][2], 2)
+        ce_by_hand(PIXEL_LOGITS[0][2], 2) + ce_by_hand(PIXEL_LOGITS[1][0], 3) + ce_by_hand(PIXEL_LOGITS[1][2], 2)
     ) / 3
     assert masked_ce(make_logits(), TARGET, S_TAIL).item() == pytest.approx(expected, rel=1e-6)
 
@@ -60,9 +58,7 @@ def test_masked_ce_ignores_pixels_outside_set():
     assert torch.equal(masked_ce(logits, TARGET, S_TAIL), masked_ce(changed, TARGET, S_TAIL))
     # With all classes in the set it is ordinary CE.
     full = masked_ce(logits, TARGET, S_ALL)
-    assert full.item() == pytest.approx(
-        F.cross_entropy(logits, TARGET, ignore_index=255).item(), rel=1e-6
-    )
+    assert full.item() == pytest.approx(F.cross_entropy(logits, TARGET, ignore_index=255).item(), rel=1e-6)
 
 
 def test_masked_ce_without_pixels_is_connected_zero():
@@ -85,9 +81,7 @@ def test_l2_zero_for_all_classes_and_by_hand_otherwise():
         (1, 0),
         (1, 2),
     ]  # (1,1) is ignored; labels outside S_k still count
-    expected = sum(PIXEL_LOGITS[i][j][0] ** 2 + PIXEL_LOGITS[i][j][1] ** 2 for i, j in valid) / len(
-        valid
-    )
+    expected = sum(PIXEL_LOGITS[i][j][0] ** 2 + PIXEL_LOGITS[i][j][1] ** 2 for i, j in valid) / len(valid)
     assert l2_suppression(logits, TARGET, S_TAIL).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -124,9 +118,7 @@ def test_kl_without_pixels_is_connected_zero():
 def test_expert_and_stage1_loss_combine_terms():
     logits = make_logits()
     part = expert_loss(logits, TARGET, S_TAIL, alpha=0.2)
-    assert part.total.item() == pytest.approx(
-        (part.ce + 0.2 * (part.l2 + part.kl)).item(), rel=1e-6
-    )
+    assert part.total.item() == pytest.approx((part.ce + 0.2 * (part.l2 + part.kl)).item(), rel=1e-6)
     assert part.l2.item() > 0 and part.kl.item() > 0
 
     sets = expert_sets([[0, 1], [2, 3]], 4)
@@ -169,9 +161,7 @@ def test_selection_loss_by_hand_and_ignore():
     # Weighted: PyTorch's weighted mean, sum(w_t * l) / sum(w_t).
     w = torch.tensor([0.5, 1.5])
     weights_per_pixel = [0.5, 0.5, 1.5, 1.5, 1.5]
-    expected = sum(a * b for a, b in zip(weights_per_pixel, losses, strict=True)) / sum(
-        weights_per_pixel
-    )
+    expected = sum(a * b for a, b in zip(weights_per_pixel, losses, strict=True)) / sum(weights_per_pixel)
     got = selection_loss(logits, TARGET, lut, weights=w)
     assert got.item() == pytest.approx(expected, rel=1e-6)
     assert got.item() != pytest.approx(sum(losses) / 5, rel=1e-3)
@@ -220,9 +210,7 @@ def test_focal_gamma_zero_equals_ce_and_gamma_two_by_hand():
 def test_weighted_ce_uniform_equals_ce():
     logits = make_logits()
     ce = F.cross_entropy(logits, TARGET, ignore_index=255)
-    assert weighted_ce(logits, TARGET, torch.full((4,), 3.0)).item() == pytest.approx(
-        ce.item(), rel=1e-6
-    )
+    assert weighted_ce(logits, TARGET, torch.full((4,), 3.0)).item() == pytest.approx(ce.item(), rel=1e-6)
     with pytest.raises(ValueError, match="class_weights must have shape"):
         weighted_ce(logits, TARGET, torch.ones(3))
 

@@ -61,12 +61,8 @@ def test_per_class_matches_torchmetrics_when_absent_class_is_predicted():
     assert math.isnan(m.iou[ABSENT])
     # The documented difference, made explicit: torchmetrics' macro = our sum / (present + 1).
     tm_macro_iou, tm_macro_acc = torchmetrics_scores(pred, target, "macro")
-    assert tm_macro_iou.item() == pytest.approx(
-        m.mIoU * len(present) / (len(present) + 1), abs=1e-6
-    )
-    assert tm_macro_acc.item() == pytest.approx(
-        m.mAcc * len(present) / (len(present) + 1), abs=1e-6
-    )
+    assert tm_macro_iou.item() == pytest.approx(m.mIoU * len(present) / (len(present) + 1), abs=1e-6)
+    assert tm_macro_acc.item() == pytest.approx(m.mAcc * len(present) / (len(present) + 1), abs=1e-6)
 
 
 def test_merge_of_halves_equals_whole_and_numpy_input():

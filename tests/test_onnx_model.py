@@ -53,11 +53,22 @@ def model(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     instance = module.TritonPythonModel()
-    config = {"name": "medoe", "output": [{"name": n} for n in ("labels", "confidence", "expert_weights")],
-              "parameters": {"max_pixels": {"string_value": str(BUDGET)}, "max_batch_pixels": {"string_value": str(BUDGET)},
-                             "arena_max_pixels": {"string_value": str(ARENA_MAX)}}}
-    instance.initialize({"model_config": json.dumps(config), "model_repository": str(ROOT / "model_repository" / "medoe"),
-                         "model_version": "1"})
+    config = {
+        "name": "medoe",
+        "output": [{"name": n} for n in ("labels", "confidence", "expert_weights")],
+        "parameters": {
+            "max_pixels": {"string_value": str(BUDGET)},
+            "max_batch_pixels": {"string_value": str(BUDGET)},
+            "arena_max_pixels": {"string_value": str(ARENA_MAX)},
+        },
+    }
+    instance.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(ROOT / "model_repository" / "medoe"),
+            "model_version": "1",
+        }
+    )
     session = instance.session  # serving/ort_memory.MemorySession
     assert session.arena.get_session_options().enable_cpu_mem_arena
     assert not session.no_arena.get_session_options().enable_cpu_mem_arena
@@ -98,14 +109,20 @@ def test_requests_handed_over_together_are_split_at_the_budget(model):
 
 
 def test_refusals_are_per_request_and_in_the_projects_words(model):
-    requests = [{"images": Tensor("images", image(0, batch=3))},  # 3 x 48x64: over the budget
-                {"images": Tensor("images", np.zeros((1, 0, 10, 3), np.uint8))},
-                {"images": Tensor("images", image(1))}, {}]
+    requests = [
+        {"images": Tensor("images", image(0, batch=3))},  # 3 x 48x64: over the budget
+        {"images": Tensor("images", np.zeros((1, 0, 10, 3), np.uint8))},
+        {"images": Tensor("images", image(1))},
+        {},
+    ]
     responses = model.execute(requests)
     assert [r.error.code if r.error else None for r in responses] == ["INVALID_ARG", "INVALID_ARG", None, "INVALID_ARG"]
-    assert responses[0].error.message == (f"images is 3 images of 64x48 = 9216 pixels, over the limit of {BUDGET} pixels per "
-                                          "batch (max_batch_pixels); send fewer images per request")
-    assert responses[1].error.message == ("images has shape [1, 0, 10, 3]: empty, expected at least one image of at least "
-                                          "1x1 pixels")
+    assert responses[0].error.message == (
+        f"images is 3 images of 64x48 = 9216 pixels, over the limit of {BUDGET} pixels per "
+        "batch (max_batch_pixels); send fewer images per request"
+    )
+    assert responses[1].error.message == (
+        "images has shape [1, 0, 10, 3]: empty, expected at least one image of at least 1x1 pixels"
+    )
     assert responses[3].error.message == "missing input tensor 'images'"
     assert model.calls == [(1, 48, 64, 3)]  # onnxruntime saw only the good request

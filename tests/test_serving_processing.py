@@ -1,4 +1,5 @@
-"""serving/decode.py and serving/processing.py: decoding refuses what it cannot serve with one clear line; colours and shares are exact."""
+"""serving/decode.py and serving/processing.py: decoding refuses what it cannot serve with one
+clear line; colours and shares are exact."""
 
 import io
 import struct
@@ -54,11 +55,14 @@ def test_exif_orientation_is_applied():
     assert decode_image(buffer.getvalue()).shape == (40, 20, 3)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty image"),
-    (b"hello, not an image", "not an image"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", "truncated PNG"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty image"),
+        (b"hello, not an image", "not an image"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "truncated PNG"),
+    ],
+)
 def test_refuses_non_images(data, message):
     with pytest.raises(ValueError, match=message):
         decode_image(data)
@@ -86,6 +90,7 @@ def test_refuses_huge_dimensions_before_decoding():
     # never allocated (the pixels would need 2.7 GB).
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
     data = b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
     with pytest.raises(ValueError, match="30000x30000, over the limit"):

@@ -51,8 +51,20 @@ def test_cityscapes_names_and_colours():
     train_ids = [name2label[name].trainId for name in ds.class_names]
     assert train_ids == sorted(train_ids) and 255 not in train_ids
     assert ds.palette == [tuple(name2label[name].color) for name in ds.class_names]
-    for name in ("road", "sidewalk", "building", "wall", "pole", "traffic light", "traffic sign",
-                 "vegetation", "sky", "person", "car", "bicycle"):
+    for name in (
+        "road",
+        "sidewalk",
+        "building",
+        "wall",
+        "pole",
+        "traffic light",
+        "traffic sign",
+        "vegetation",
+        "sky",
+        "person",
+        "car",
+        "bicycle",
+    ):
         assert name in ds.class_names
 
 
@@ -123,8 +135,9 @@ def test_stats_cli_json():
 
 
 def test_out_writes_folder_dataset(tmp_path, capsys):
-    assert synthetic_main(["--out", str(tmp_path), "--num", "3", "--height", "48", "--width", "96",
-                           "--split", "val"]) == 0
+    assert (
+        synthetic_main(["--out", str(tmp_path), "--num", "3", "--height", "48", "--width", "96", "--split", "val"]) == 0
+    )
     folder = FolderDataset(tmp_path, split="val")
     synthetic = SyntheticStreets(num_images=3, height=48, width=96, split="val")
     assert folder.class_names == synthetic.class_names and folder.palette == synthetic.palette

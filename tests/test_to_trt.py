@@ -28,8 +28,14 @@ def exported(tmp_path_factory):
 def test_parse_shape():
     assert parse_shape("1x512x1024x3") == (1, 512, 1024, 3)
     assert parse_shape("4X64X64X3") == (4, 64, 64, 3)
-    for bad, message in [("1x512x1024", "NxHxWx3"), ("1x512x1024x3x1", "NxHxWx3"), ("0x64x64x3", "positive"),
-                         ("1x-4x64x3", "positive"), ("axbxcx3", "NxHxWx3"), ("1x3x512x1024", "3 RGB channels")]:
+    for bad, message in [
+        ("1x512x1024", "NxHxWx3"),
+        ("1x512x1024x3x1", "NxHxWx3"),
+        ("0x64x64x3", "positive"),
+        ("1x-4x64x3", "positive"),
+        ("axbxcx3", "NxHxWx3"),
+        ("1x3x512x1024", "3 RGB channels"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_shape(bad)
 
@@ -58,14 +64,17 @@ def test_check_shapes_stay_inside_the_profile_and_include_an_odd_size():
     assert check_shapes(opt, opt, opt) == [opt]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--min-shape", "1x256x256"], "NxHxWx3"),
-    (["--opt-shape", "1x512x1024x4"], "3 RGB channels"),
-    (["--min-shape", "2x256x256x3"], "min <= opt <= max"),
-    (["--int8"], "--int8 needs --calib-dir"),
-    (["--workspace-gb", "0"], "--workspace-gb must be positive"),
-    (["--fp16", "--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-shape", "1x256x256"], "NxHxWx3"),
+        (["--opt-shape", "1x512x1024x4"], "3 RGB channels"),
+        (["--min-shape", "2x256x256x3"], "min <= opt <= max"),
+        (["--int8"], "--int8 needs --calib-dir"),
+        (["--workspace-gb", "0"], "--workspace-gb must be positive"),
+        (["--fp16", "--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_argument_errors_exit_2_in_one_line(tmp_path, capsys, exported, args, message):
     assert_exit_2(capsys, ["--onnx", str(exported), "--out", str(tmp_path / "m.plan"), *PROFILE, *args], message)
 
@@ -76,7 +85,11 @@ def test_input_errors_exit_2_in_one_line(tmp_path, capsys, exported):
     (tmp_path / "junk.onnx").write_bytes(b"\x00not protobuf\xff" * 10)
     assert_exit_2(capsys, ["--onnx", str(tmp_path / "junk.onnx"), "--out", out], "not a readable ONNX file")
     (tmp_path / "empty").mkdir()
-    assert_exit_2(capsys, ["--onnx", str(exported), "--out", out, "--int8", "--calib-dir", str(tmp_path / "empty")], "holds 0 images")
+    assert_exit_2(
+        capsys,
+        ["--onnx", str(exported), "--out", out, "--int8", "--calib-dir", str(tmp_path / "empty")],
+        "holds 0 images",
+    )
     (tmp_path / "file").write_text("in the way")
     assert_exit_2(capsys, ["--onnx", str(exported), "--out", str(tmp_path / "file" / "m.plan")], "cannot write")
 
@@ -109,7 +122,11 @@ def test_plan_config_comes_from_the_onnx_graph(tmp_path, exported):
     config = parse_config(path)
     assert config.name == "medoe_trt" and config.max_batch_size == 4
     assert_config_matches_graph(config, onnx.load(str(exported)), "tensorrt_plan")
-    assert config.model_warmup[0].batch_size == 2 and list(config.model_warmup[0].inputs["images"].dims) == [512, 1024, 3]
+    assert config.model_warmup[0].batch_size == 2 and list(config.model_warmup[0].inputs["images"].dims) == [
+        512,
+        1024,
+        3,
+    ]
 
 
 def write_image(path, height, width, bgr=(0, 0, 255)):

@@ -16,8 +16,16 @@ from training import evaluate, train
 @pytest.fixture
 def config_path(tmp_path):
     values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
-    values.update(synthetic_size=[64, 128], crop_size=[64, 64], synthetic_train_images=16,
-                  synthetic_val_images=4, batch_size=2, num_workers=0, decoder_channels=8, decision_hidden=8)
+    values.update(
+        synthetic_size=[64, 128],
+        crop_size=[64, 64],
+        synthetic_train_images=16,
+        synthetic_val_images=4,
+        batch_size=2,
+        num_workers=0,
+        decoder_channels=8,
+        decision_hidden=8,
+    )
     path = tmp_path / "small.json"
     path.write_text(json.dumps(values))
     return str(path)
@@ -44,7 +52,10 @@ def test_medoe_runs_both_stages_then_evaluates(tmp_path, config_path):
 @pytest.mark.parametrize("model", ["baseline", "focal", "reweight"])
 def test_baselines_train(tmp_path, config_path, model):
     work = tmp_path / model
-    assert train.main(["--config", config_path, "--model", model, "--work-dir", str(work), "--iters", "2", "--no-eval"]) == 0
+    assert (
+        train.main(["--config", config_path, "--model", model, "--work-dir", str(work), "--iters", "2", "--no-eval"])
+        == 0
+    )
     assert [r["iter"] for r in read_log(work)] == [1, 2]
     assert json.loads((work / "final" / "config.json").read_text())["model"] == model
 
@@ -62,7 +73,12 @@ def test_resume_repeats_the_uninterrupted_losses(tmp_path, config_path):
 
 def test_saved_predictions_recompute_the_metrics(tmp_path, config_path):
     work = tmp_path / "run"
-    assert train.main(["--config", config_path, "--work-dir", str(work), "--iters", "2", "--stage2-iters", "1", "--no-eval"]) == 0
+    assert (
+        train.main(
+            ["--config", config_path, "--work-dir", str(work), "--iters", "2", "--stage2-iters", "1", "--no-eval"]
+        )
+        == 0
+    )
     out, preds = tmp_path / "metrics.json", tmp_path / "preds"
     assert evaluate.main(["--checkpoint", str(work / "final"), "--out", str(out), "--save-preds", str(preds)]) == 0
     dataset = SyntheticStreets(num_images=4, height=64, width=128, seed=0, split="val")
@@ -74,15 +90,27 @@ def test_saved_predictions_recompute_the_metrics(tmp_path, config_path):
     assert recomputed["mIoU"] == pytest.approx(json.loads(out.read_text())["mIoU"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["-m", "training.train", "--config", "no_such_config", "--work-dir", "w"], "config 'no_such_config' not found"),
-    (["-m", "training.train", "--dataset", "cityscapes", "--work-dir", "w"], "needs --data-root"),
-    (["-m", "training.train", "--dataset", "folder", "--data-root", "absent", "--work-dir", "w"], "absent"),
-    (["-m", "training.evaluate", "--checkpoint", "absent", "--out", "m.json"], "checkpoint directory not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["-m", "training.train", "--config", "no_such_config", "--work-dir", "w"],
+            "config 'no_such_config' not found",
+        ),
+        (["-m", "training.train", "--dataset", "cityscapes", "--work-dir", "w"], "needs --data-root"),
+        (["-m", "training.train", "--dataset", "folder", "--data-root", "absent", "--work-dir", "w"], "absent"),
+        (["-m", "training.evaluate", "--checkpoint", "absent", "--out", "m.json"], "checkpoint directory not found"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
-    result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(__import__("pathlib").Path.cwd()), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(__import__("pathlib").Path.cwd()), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

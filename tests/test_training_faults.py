@@ -53,7 +53,9 @@ def freeze(process: subprocess.Popen) -> None:
         time.sleep(0.0001)
 
 
-def kill_during_a_save(process: subprocess.Popen, work: Path, timeout: float = 60.0) -> tuple[dict[str, bytes], list[str]]:
+def kill_during_a_save(
+    process: subprocess.Popen, work: Path, timeout: float = 60.0
+) -> tuple[dict[str, bytes], list[str]]:
     """SIGKILLs `process` while it saves DIR/last (never the first save), once the save has
     written something; returns the `last` seen before that save began and the staging entries
     present at the kill."""
@@ -82,8 +84,10 @@ def kill_during_a_save(process: subprocess.Popen, work: Path, timeout: float = 6
                     snapshot = None
                 process.send_signal(signal.SIGCONT)
             time.sleep(0.0002)
-        raise AssertionError(f"never caught a save of {work / 'last'} in flight with the previous checkpoint intact "
-                             f"(exit {process.poll()}, entries {sorted(os.listdir(work))})")
+        raise AssertionError(
+            f"never caught a save of {work / 'last'} in flight with the previous checkpoint intact "
+            f"(exit {process.poll()}, entries {sorted(os.listdir(work))})"
+        )
     finally:
         if process.poll() is None:
             process.kill()
@@ -94,8 +98,22 @@ def test_sigkill_during_a_checkpoint_save_then_resume(tmp_path, config_path):  #
     from medoe.checkpoint import load_checkpoint
 
     work = tmp_path / "run"
-    command = [sys.executable, "-m", "training.train", "--config", config_path, "--work-dir", str(work),
-               "--iters", "12", "--stage2-iters", "1", "--save-every", "1", "--no-eval"]
+    command = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--config",
+        config_path,
+        "--work-dir",
+        str(work),
+        "--iters",
+        "12",
+        "--stage2-iters",
+        "1",
+        "--save-every",
+        "1",
+        "--no-eval",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     snapshot, in_flight = kill_during_a_save(process, work)
     assert process.returncode == -signal.SIGKILL
@@ -107,7 +125,11 @@ def test_sigkill_during_a_checkpoint_save_then_resume(tmp_path, config_path):  #
     previous = load_checkpoint(work / "last", train_state=True).train_state
     assert previous["stage"] == 1, previous  # stage 1 has 12 saves to catch; stage 2 has only the last one
     assert staging(work) == in_flight and all(name.startswith(".last.tmp-") for name in in_flight)
-    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == ["class_stats.json", "last", "log.jsonl"]
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(".")) == [
+        "class_stats.json",
+        "last",
+        "log.jsonl",
+    ]
 
     result = subprocess.run([*command, "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -170,14 +192,18 @@ def _crash_points(root: str) -> None:
             sys.settrace(None)
             os._exit(0)
         _, status = os.waitpid(pid, 0)
-        record = {"n": n, "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
-                  "entries": sorted(p.name for p in directory.parent.iterdir())}
+        record = {
+            "n": n,
+            "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
+            "entries": sorted(p.name for p in directory.parent.iterdir()),
+        }
         try:
             loaded = checkpoint.load_checkpoint(directory, train_state=True)
             state = loaded.model.state_dict()
             record["iter"] = loaded.train_state["iter"]
-            record["weights"] = next((name for name, ref in reference.items()
-                                      if all(torch.equal(state[k], ref[k]) for k in ref)), "mixed")
+            record["weights"] = next(
+                (name for name, ref in reference.items() if all(torch.equal(state[k], ref[k]) for k in ref)), "mixed"
+            )
             checkpoint.save_checkpoint(directory, old, stats, {"iter": 3})  # the next save works over the leftovers
             record["next_save"] = checkpoint.load_checkpoint(directory, train_state=True).train_state["iter"]
         except checkpoint.CheckpointError as err:
@@ -189,7 +215,9 @@ def _crash_points(root: str) -> None:
 
 def test_a_kill_at_any_statement_of_a_save_leaves_the_old_or_the_new_checkpoint(tmp_path):
     code = f"from tests.test_training_faults import _crash_points; _crash_points({str(tmp_path)!r})"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     killed, completed = records[:-1], records[-1]

@@ -23,8 +23,11 @@ def graph_like_the_export(batch="batch") -> onnx.ModelProto:
         helper.make_tensor_value_info("expert_weights", TensorProto.FLOAT, [batch, 3, "fh", "fw"]),
     ]
     model = helper.make_model(helper.make_graph([], "g", [images], outputs))
-    for key, value in {"class_names": json.dumps(CLASS_NAMES), "num_experts": "3",
-                       "groups": json.dumps({"head": [0, 3], "body": [1], "tail": [2]})}.items():
+    for key, value in {
+        "class_names": json.dumps(CLASS_NAMES),
+        "num_experts": "3",
+        "groups": json.dumps({"head": [0, 3], "body": [1], "tail": [2]}),
+    }.items():
         model.metadata_props.add(key=key, value=value)
     return model
 
@@ -36,14 +39,19 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 @pytest.mark.parametrize("platform,kind", [("onnxruntime_onnx", "KIND_AUTO"), ("tensorrt_plan", "KIND_GPU")])
 def test_config_matches_the_graph(tmp_path, platform, kind):
     model_dir = tmp_path / "repo" / "medoe_x"
-    path = write_triton_config(graph_like_the_export(), model_dir, platform, max_batch_size=4, max_queue_delay_us=250,
-                               warmup=(1, 512, 1024))
+    path = write_triton_config(
+        graph_like_the_export(), model_dir, platform, max_batch_size=4, max_queue_delay_us=250, warmup=(1, 512, 1024)
+    )
     config = parse(path.read_text())
     assert config.name == "medoe_x" and config.platform == platform and config.max_batch_size == 4
     assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [
-        ("images", "TYPE_UINT8", [-1, -1, 3])]
+        ("images", "TYPE_UINT8", [-1, -1, 3])
+    ]
     assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in config.output] == [
-        ("labels", "TYPE_UINT8", [-1, -1]), ("confidence", "TYPE_FP32", [-1, -1]), ("expert_weights", "TYPE_FP32", [3, -1, -1])]
+        ("labels", "TYPE_UINT8", [-1, -1]),
+        ("confidence", "TYPE_FP32", [-1, -1]),
+        ("expert_weights", "TYPE_FP32", [3, -1, -1]),
+    ]
     assert config.dynamic_batching.max_queue_delay_microseconds == 250
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == kind
     assert json.loads(config.parameters["class_names"].string_value) == CLASS_NAMES
@@ -73,12 +81,15 @@ def test_unmapped_dtype_is_a_clear_error():
         onnx_io(model)
 
 
-@pytest.mark.parametrize("path,expected", [
-    ("model_repository/medoe/1/model.onnx", "model_repository/medoe"),
-    ("model_repository/medoe_trt/12/model.plan", "model_repository/medoe_trt"),
-    ("out/model.onnx", None),
-    ("model_repository/medoe/1/other.onnx", None),
-])
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("model_repository/medoe/1/model.onnx", "model_repository/medoe"),
+        ("model_repository/medoe_trt/12/model.plan", "model_repository/medoe_trt"),
+        ("out/model.onnx", None),
+        ("model_repository/medoe/1/other.onnx", None),
+    ],
+)
 def test_triton_layout(path, expected):
     found = triton_model_dir(path)
     assert (str(found) if found else None) == expected

@@ -21,8 +21,21 @@ def main(argv=None) -> int:
     results = {}
     for model in ("baseline", "medoe"):
         run = Path(args.work_dir) / model
-        code = train.main(["--config", args.config, "--model", model, "--work-dir", str(run),
-                           "--iters", str(args.iters), "--stage2-iters", str(args.iters), "--resume"])
+        code = train.main(
+            [
+                "--config",
+                args.config,
+                "--model",
+                model,
+                "--work-dir",
+                str(run),
+                "--iters",
+                str(args.iters),
+                "--stage2-iters",
+                str(args.iters),
+                "--resume",
+            ]
+        )
         if code != 0:
             return code
         results[model] = json.loads((run / "metrics.json").read_text())

@@ -49,8 +49,9 @@ def _ensembles(full: torch.Tensor, sets: torch.Tensor, best) -> dict[str, torch.
 
 
 @torch.no_grad()
-def expert_diagnostics(model: MEDOE, dataset, device, config: TrainConfig, stats: ClassStats,
-                       batch_size: int = 4) -> dict:
+def expert_diagnostics(
+    model: MEDOE, dataset, device, config: TrainConfig, stats: ClassStats, batch_size: int = 4
+) -> dict:
     """metrics per rule (percent, as evaluate()), plus selection, calibration and bias tables."""
     model.eval()
     c, k, ignore = config.network.num_classes, model.num_experts, config.network.ignore_index
@@ -115,22 +116,24 @@ def expert_diagnostics(model: MEDOE, dataset, device, config: TrainConfig, stats
         members = sets[i].cpu() & present
         mean_true = true_prob[i] / class_count.clamp_min(1)
         # Per-category bias as RIDE (Wang et al. 2020) measures it: (1 - E[p(y)])^2 per class.
-        bias = ((1 - mean_true) ** 2)
+        bias = (1 - mean_true) ** 2
         per_class_acc = [results[f"expert{i + 1}"]["per_class"][j]["Acc"] for j in range(c)]
         set_acc = [a for j, a in enumerate(per_class_acc) if members[j] and a is not None]
-        experts.append({
-            "expert": i + 1,
-            "classes": [names[j] for j in range(c) if sets[i][j]],
-            "set_mAcc": sum(set_acc) / max(1, len(set_acc)),
-            "set_mean_bias": bias[members].mean().item() if members.any() else None,
-            "ece": 100 * ece,
-            "mean_confidence": 100 * (confidence.sum() / seen).item(),
-            "accuracy": 100 * (correct.sum() / seen).item(),
-            "per_class_bias": [round(b, 5) if present[j] else None for j, b in enumerate(bias.tolist())],
-            "selection_accuracy": 100 * (select_hits[i] / select_count[i].clamp_min(1)).item(),
-            "owner_weight": 100 * (select_mass[i] / select_count[i].clamp_min(1)).item(),
-            "owned_pixels": int(select_count[i]),
-        })
+        experts.append(
+            {
+                "expert": i + 1,
+                "classes": [names[j] for j in range(c) if sets[i][j]],
+                "set_mAcc": sum(set_acc) / max(1, len(set_acc)),
+                "set_mean_bias": bias[members].mean().item() if members.any() else None,
+                "ece": 100 * ece,
+                "mean_confidence": 100 * (confidence.sum() / seen).item(),
+                "accuracy": 100 * (correct.sum() / seen).item(),
+                "per_class_bias": [round(b, 5) if present[j] else None for j, b in enumerate(bias.tolist())],
+                "selection_accuracy": 100 * (select_hits[i] / select_count[i].clamp_min(1)).item(),
+                "owner_weight": 100 * (select_mass[i] / select_count[i].clamp_min(1)).item(),
+                "owned_pixels": int(select_count[i]),
+            }
+        )
     return {"rules": results, "experts": experts}
 
 

@@ -31,8 +31,16 @@ from training.plots import plot_path, plot_per_class
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, config: TrainConfig, stats: ClassStats, save_preds: Path | None = None,
-             batch_size: int = 4, slide: bool = False) -> dict:
+def evaluate(
+    model,
+    dataset,
+    device,
+    config: TrainConfig,
+    stats: ClassStats,
+    save_preds: Path | None = None,
+    batch_size: int = 4,
+    slide: bool = False,
+) -> dict:
     """Inference over all of `dataset` in this process; returns metrics.json's content (percent).
 
     Whole-image inference by default; `slide` runs windows of the training crop instead
@@ -53,7 +61,11 @@ def evaluate(model, dataset, device, config: TrainConfig, stats: ClassStats, sav
             predicted = model(images).labels
         matrix.update(predicted, labels)
         if oracle is not None:
-            best = slide_inference(model.oracle, images, config.crop_size, labels) if slide else model.oracle(images, labels)
+            best = (
+                slide_inference(model.oracle, images, config.crop_size, labels)
+                if slide
+                else model.oracle(images, labels)
+            )
             oracle.update(best.labels, labels)
         if save_preds is not None:
             save_preds.mkdir(parents=True, exist_ok=True)
@@ -116,8 +128,14 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="where to write metrics.json")
     parser.add_argument("--save-preds", help="write one label PNG per image here (values = class index)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="inference device")
-    parser.add_argument("--slide", action="store_true", help="sliding-window inference with the training crop (stride 2/3 crop) instead of whole images")
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_per_class.png beside --out")
+    parser.add_argument(
+        "--slide",
+        action="store_true",
+        help="sliding-window inference with the training crop (stride 2/3 crop) instead of whole images",
+    )
+    parser.add_argument(
+        "--plot", action=argparse.BooleanOptionalAction, default=True, help="write OUT_per_class.png beside --out"
+    )
     return parser.parse_args(argv)
 
 
@@ -137,16 +155,39 @@ def main(argv=None) -> int:
         if stats is None:
             raise CheckpointError(f"{args.checkpoint} has no class_stats.json (needed for head/body/tail)")
         dataset = get_dataset(config, args.split)
-        metrics = evaluate(checkpoint.model, dataset, torch.device(args.device), config, stats,
-                           Path(args.save_preds) if args.save_preds else None, slide=args.slide)
-        mode = (f"sliding window {config.crop_size[0]}x{config.crop_size[1]}, stride "
-                + "x".join(map(str, default_stride(config.crop_size)))) if args.slide else "whole image"
+        metrics = evaluate(
+            checkpoint.model,
+            dataset,
+            torch.device(args.device),
+            config,
+            stats,
+            Path(args.save_preds) if args.save_preds else None,
+            slide=args.slide,
+        )
+        mode = (
+            (
+                f"sliding window {config.crop_size[0]}x{config.crop_size[1]}, stride "
+                + "x".join(map(str, default_stride(config.crop_size)))
+            )
+            if args.slide
+            else "whole image"
+        )
         write_json(out, metrics)
         table = format_table({config.network.model: metrics})
-        lines = [f"# {config.network.model} on {config.dataset} `{args.split}` ({len(dataset)} images, {mode})", "", table, "",
-                 "Per class, most frequent training class first (percent):", "", per_class_table(metrics, stats), ""]
+        lines = [
+            f"# {config.network.model} on {config.dataset} `{args.split}` ({len(dataset)} images, {mode})",
+            "",
+            table,
+            "",
+            "Per class, most frequent training class first (percent):",
+            "",
+            per_class_table(metrics, stats),
+            "",
+        ]
         if args.plot:
-            png = plot_per_class(metrics, stats, plot_path(out), title=f"{config.network.model}: per-class IoU / Acc ({mode})")
+            png = plot_per_class(
+                metrics, stats, plot_path(out), title=f"{config.network.model}: per-class IoU / Acc ({mode})"
+            )
             lines += [f"![per-class IoU and Acc]({png.name})", ""]
         atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
     except (CheckpointError, DatasetError, ValueError, FileNotFoundError) as err:

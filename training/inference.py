@@ -31,7 +31,9 @@ def _starts(size: int, crop: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
-def window_grid(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int] | None = None) -> list[tuple[int, int, int, int]]:
+def window_grid(
+    height: int, width: int, crop_size: Sequence[int], stride: Sequence[int] | None = None
+) -> list[tuple[int, int, int, int]]:
     """(y0, y1, x0, x1) of every window; one window when the image fits into the crop."""
     crop_h, crop_w = (int(c) for c in crop_size)
     if crop_h < 1 or crop_w < 1:
@@ -40,12 +42,19 @@ def window_grid(height: int, width: int, crop_size: Sequence[int], stride: Seque
     if stride_h < 1 or stride_w < 1:
         raise ValueError(f"slide stride must be positive, got {(stride_h, stride_w)}")
     win_h, win_w = min(crop_h, height), min(crop_w, width)
-    return [(y, y + win_h, x, x + win_w)
-            for y in _starts(height, win_h, stride_h) for x in _starts(width, win_w, stride_w)]
+    return [
+        (y, y + win_h, x, x + win_w) for y in _starts(height, win_h, stride_h) for x in _starts(width, win_w, stride_w)
+    ]
 
 
-def slide_inference(fn: WindowFn, images: Tensor, crop_size: Sequence[int], labels: Tensor | None = None,
-                    stride: Sequence[int] | None = None, max_windows: int = 8) -> Segmentation:
+def slide_inference(
+    fn: WindowFn,
+    images: Tensor,
+    crop_size: Sequence[int],
+    labels: Tensor | None = None,
+    stride: Sequence[int] | None = None,
+    max_windows: int = 8,
+) -> Segmentation:
     """Runs `fn` on windows of `images` and averages their probabilities.
 
     `fn` is `lambda x, y: model(x)` for ordinary inference or `model.oracle` for MEDOE's oracle
@@ -62,14 +71,18 @@ def slide_inference(fn: WindowFn, images: Tensor, crop_size: Sequence[int], labe
     count = images.new_zeros(1, 1, height, width)
     jobs = [(i, window) for window in grid for i in range(n)]
     for begin in range(0, len(jobs), max(1, max_windows)):
-        chunk = jobs[begin:begin + max(1, max_windows)]
+        chunk = jobs[begin : begin + max(1, max_windows)]
         crops = torch.stack([images[i, :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in chunk])
-        crop_labels = None if labels is None else torch.stack([labels[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in chunk])
+        crop_labels = (
+            None if labels is None else torch.stack([labels[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in chunk])
+        )
         out = fn(crops, crop_labels)
         if probs_sum is None:
             probs_sum = images.new_zeros(n, out.probs.shape[1], height, width, dtype=out.probs.dtype)
         if out.expert_weights is not None and weights_sum is None:
-            weights_sum = images.new_zeros(n, out.expert_weights.shape[1], height, width, dtype=out.expert_weights.dtype)
+            weights_sum = images.new_zeros(
+                n, out.expert_weights.shape[1], height, width, dtype=out.expert_weights.dtype
+            )
         # Expert weights come at decoder resolution; bring them to window size to average them.
         window_weights = None if weights_sum is None else resize(out.expert_weights.float(), crops.shape[-2:])
         for j, (i, (y0, y1, x0, x1)) in enumerate(chunk):

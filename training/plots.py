@@ -32,8 +32,10 @@ def plot_path(metrics_path: str | Path) -> Path:
 def _per_class(metrics: dict, key: str, stats: ClassStats) -> np.ndarray:
     rows = metrics["per_class"]
     if len(rows) != stats.num_classes:
-        raise ValueError(f"metrics have {len(rows)} classes but the class statistics have {stats.num_classes}; "
-                         "use the class_stats.json of the checkpoint that produced the metrics")
+        raise ValueError(
+            f"metrics have {len(rows)} classes but the class statistics have {stats.num_classes}; "
+            "use the class_stats.json of the checkpoint that produced the metrics"
+        )
     # None (class absent from the evaluated split) becomes NaN: no bar instead of a zero bar.
     return np.array([math.nan if r[key] is None else float(r[key]) for r in rows])
 
@@ -53,8 +55,16 @@ def _frame(figure: Figure, stats: ClassStats, title: str):
             colour = GROUP_COLOURS.get(name, "#999999")
             axes.axvspan(min(ranks) - 0.5, max(ranks) + 0.5, color=colour, alpha=0.1, lw=0, zorder=0)
             axes.axvline(max(ranks) + 0.5, color="#777777", lw=0.8, ls="--", zorder=1)
-            axes.text((min(ranks) + max(ranks)) / 2, 104, f"{name} ({len(ranks)})", ha="center", va="bottom",
-                      fontsize=9, color=colour, fontweight="bold")
+            axes.text(
+                (min(ranks) + max(ranks)) / 2,
+                104,
+                f"{name} ({len(ranks)})",
+                ha="center",
+                va="bottom",
+                fontsize=9,
+                color=colour,
+                fontweight="bold",
+            )
     axes.set_xlim(-0.5, len(order) - 0.5)
     axes.set_ylim(0, 112)
     axes.set_yticks(range(0, 101, 20))
@@ -101,12 +111,15 @@ def plot_per_class(metrics: dict, stats: ClassStats, path: str | Path, title: st
         oracle = _per_class(metrics["oracle"], "Acc", stats)
         axes.scatter(x + 0.2, oracle[order], marker="_", s=120, color="black", zorder=3, label="oracle Acc")
     handles = axes.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    axes.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8, frameon=False)
+    axes.legend(
+        handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8, frameon=False
+    )
     return _save(figure, path)
 
 
-def plot_comparison(results: dict[str, dict], class_stats: ClassStats, path: str | Path,
-                    metric: str = "Acc", title: str | None = None) -> Path:
+def plot_comparison(
+    results: dict[str, dict], class_stats: ClassStats, path: str | Path, metric: str = "Acc", title: str | None = None
+) -> Path:
     """Several runs' per-class `metric` ("Acc" or "IoU") side by side against training frequency."""
     if not results:
         raise ValueError("plot_comparison needs at least one run's metrics")
@@ -122,7 +135,9 @@ def plot_comparison(results: dict[str, dict], class_stats: ClassStats, path: str
         label = name if mean is None else f"{name} ({mean:.1f})"
         axes.bar(x - 0.4 + width * (k + 0.5), values, width=width, color=RUN_COLOURS[k % len(RUN_COLOURS)], label=label)
     handles = axes.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    axes.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8, frameon=False)
+    axes.legend(
+        handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8, frameon=False
+    )
     return _save(figure, path)
 
 

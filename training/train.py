@@ -49,9 +49,15 @@ from training.evaluate import evaluate, format_table
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="deeplabv3plus_tiny_synthetic_cpu", help=f"config name in {CONFIG_DIR} or a JSON path")
-    parser.add_argument("--model", choices=["medoe", "baseline", "focal", "reweight"], help="override the config's model type")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default="deeplabv3plus_tiny_synthetic_cpu", help=f"config name in {CONFIG_DIR} or a JSON path"
+    )
+    parser.add_argument(
+        "--model", choices=["medoe", "baseline", "focal", "reweight"], help="override the config's model type"
+    )
     parser.add_argument("--work-dir", required=True, help="where checkpoints, class_stats.json and log.jsonl go")
     parser.add_argument("--dataset", choices=DATASETS, help="override the config's dataset")
     parser.add_argument("--data-root", help="dataset root (not needed for synthetic)")
@@ -60,31 +66,62 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage", type=int, choices=[1, 2], help="run only this MEDOE stage (2 needs DIR/stage1)")
     parser.add_argument("--batch-size", type=int, help="images per step and process")
     parser.add_argument("--lr", type=float, help="initial learning rate")
-    parser.add_argument("--select-balance", action=argparse.BooleanOptionalAction, default=None, help="stage 2: inverse-frequency weights on the expert targets")
+    parser.add_argument(
+        "--select-balance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stage 2: inverse-frequency weights on the expert targets",
+    )
     parser.add_argument("--select-balance-power", type=float, help="exponent of those weights: share ** -power")
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
-    parser.add_argument("--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)")
-    parser.add_argument("--stage2-holdout", type=float, help="share of training images held back from stage 1 for stage 2 (0 = off)")
+    parser.add_argument(
+        "--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)"
+    )
+    parser.add_argument(
+        "--stage2-holdout", type=float, help="share of training images held back from stage 1 for stage 2 (0 = off)"
+    )
     parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
-    parser.add_argument("--mixing", choices=["paper", "nested"], help="how the experts are combined (docs/method.md §8)")
+    parser.add_argument(
+        "--mixing", choices=["paper", "nested"], help="how the experts are combined (docs/method.md §8)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
     parser.add_argument("--seed", type=int, help="seed for data order, augmentation and init")
     parser.add_argument("--workers", type=int, help="DataLoader workers per process")
     parser.add_argument("--save-every", type=int, default=500, help="write DIR/last every N iterations")
-    parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate DIR/final on the val split at the end")
+    parser.add_argument(
+        "--eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate DIR/final on the val split at the end",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from DIR/last")
-    parser.add_argument("--stop-after", type=int, help="stop (after saving DIR/last) once this run has done N iterations; for preemptible jobs and tests")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        help="stop (after saving DIR/last) once this run has done N iterations; for preemptible jobs and tests",
+    )
     return parser.parse_args(argv)
 
 
 def config_from_args(args) -> TrainConfig:
     config = load_config(args.config)
     overrides = {
-        "model": args.model, "dataset": args.dataset, "data_root": args.data_root, "iters": args.iters,
-        "stage2_iters": args.stage2_iters, "batch_size": args.batch_size, "lr": args.lr,
-        "select_balance": args.select_balance, "select_balance_power": args.select_balance_power, "seed": args.seed, "num_workers": args.workers,
-        "alpha": args.alpha, "expert_balance": args.expert_balance, "stage2_holdout": args.stage2_holdout,
-        "decision_kernel": args.decision_kernel, "mixing": args.mixing,
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "iters": args.iters,
+        "stage2_iters": args.stage2_iters,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "select_balance": args.select_balance,
+        "select_balance_power": args.select_balance_power,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "alpha": args.alpha,
+        "expert_balance": args.expert_balance,
+        "stage2_holdout": args.stage2_holdout,
+        "decision_kernel": args.decision_kernel,
+        "mixing": args.mixing,
     }
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -97,8 +134,10 @@ STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "mixing")
 
 def stage2_run(stage1: TrainConfig, requested: TrainConfig) -> TrainConfig:
     """Stage 1's run with the requested run's stage-2 settings."""
-    return stage1.replace(**{name: getattr(requested, name) for name in STAGE2_RUN_FIELDS},
-                          **{name: getattr(requested.network, name) for name in STAGE2_NETWORK_FIELDS})
+    return stage1.replace(
+        **{name: getattr(requested, name) for name in STAGE2_RUN_FIELDS},
+        **{name: getattr(requested.network, name) for name in STAGE2_NETWORK_FIELDS},
+    )
 
 
 def with_new_decision_maker(model, network: ModelConfig):
@@ -129,7 +168,9 @@ class StageLoss(nn.Module):
         model, config, size = self.model, self.config, labels.shape[-2:]
         if config.network.is_medoe and self.stage == 1:
             logits = [resize(z, size) for z in model.expert_logits(images)]
-            total, parts = stage1_loss(logits, labels, model.expert_sets(), config.alpha, config.network.ignore_index, self.adjustments)
+            total, parts = stage1_loss(
+                logits, labels, model.expert_sets(), config.alpha, config.network.ignore_index, self.adjustments
+            )
             return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
         if config.network.is_medoe:
             with torch.no_grad():
@@ -159,12 +200,21 @@ def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, devi
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     stage_loss = dist.wrap(StageLoss(model, config, stage, stats).to(device), device)
-    batches = SeededBatches(len(dataset), config.batch_size, config.seed + 1000 * stage, iters, start_iter, dist.rank(), dist.world_size())
+    batches = SeededBatches(
+        len(dataset), config.batch_size, config.seed + 1000 * stage, iters, start_iter, dist.rank(), dist.world_size()
+    )
     loader = make_loader(dataset, batches, config.num_workers, config.seed, config.crop_size)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     log = (work_dir / "log.jsonl").open("a") if dist.is_main() else None
-    progress = tqdm(total=iters, initial=start_iter, desc=f"stage {stage}" if config.network.is_medoe else config.network.model,
-                    disable=not dist.is_main(), dynamic_ncols=True, mininterval=2.0 if sys.stdout.isatty() else 30.0, file=sys.stdout)
+    progress = tqdm(
+        total=iters,
+        initial=start_iter,
+        desc=f"stage {stage}" if config.network.is_medoe else config.network.model,
+        disable=not dist.is_main(),
+        dynamic_ncols=True,
+        mininterval=2.0 if sys.stdout.isatty() else 30.0,
+        file=sys.stdout,
+    )
     model.train()
     stopping = False
     tic = time.perf_counter()
@@ -184,14 +234,35 @@ def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, devi
         progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
         progress.update(1)
         if log is not None:
-            log.write(json.dumps({"stage": stage, "iter": it + 1, "loss": loss.item(), "lr": lr, "images_per_s": images_per_s, **parts}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "stage": stage,
+                        "iter": it + 1,
+                        "loss": loss.item(),
+                        "lr": lr,
+                        "images_per_s": images_per_s,
+                        **parts,
+                    }
+                )
+                + "\n"
+            )
             log.flush()
         done = it + 1
         stopping = args.stop_after is not None and done - start_iter >= args.stop_after and done < iters
         if dist.is_main() and (done % args.save_every == 0 or done == iters or stopping):
-            save_checkpoint(work_dir / "last", model, stats, run=config, train_state={
-                "stage": stage, "iter": done, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            })
+            save_checkpoint(
+                work_dir / "last",
+                model,
+                stats,
+                run=config,
+                train_state={
+                    "stage": stage,
+                    "iter": done,
+                    "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
         if stopping:
             break
     progress.close()
@@ -216,8 +287,9 @@ def main(argv=None) -> int:
     try:
         train_set = get_dataset(config, "train")
         stats = compute_class_stats(train_set, work_dir, config.network.ignore_index)
-        config = config.replace(num_classes=stats.num_classes, class_names=stats.class_names,
-                                palette=[list(c) for c in train_set.palette])
+        config = config.replace(
+            num_classes=stats.num_classes, class_names=stats.class_names, palette=[list(c) for c in train_set.palette]
+        )
         start_stage, start_iter, state, model = 1, 0, None, None
         if args.resume and (work_dir / "last").is_dir():
             checkpoint = load_checkpoint(work_dir / "last", device, train_state=True)
@@ -242,7 +314,18 @@ def main(argv=None) -> int:
             resumed = stage == start_stage and state is not None
             iters_done = start_iter if resumed else 0
             total = config.iters if stage == 1 else config.stage2_steps
-            if iters_done < total and not train_stage(model, config, stage, stats, stage_sets[stage], work_dir, args, device, iters_done, state if resumed else None):
+            if iters_done < total and not train_stage(
+                model,
+                config,
+                stage,
+                stats,
+                stage_sets[stage],
+                work_dir,
+                args,
+                device,
+                iters_done,
+                state if resumed else None,
+            ):
                 print(f"stopped after {args.stop_after} iterations; continue with --resume")
                 dist.barrier()
                 return 0

@@ -18,10 +18,30 @@ import numpy as np
 from medoe.data.generated import GeneratedScenes, generator_main
 from medoe.data.synthetic import _photometric
 
-CLASS_NAMES = ["bare ground", "grass", "road", "building", "tree", "water", "car", "swimming pool",
-               "boat", "solar panel"]
-PALETTE = [(150, 130, 100), (100, 180, 70), (128, 64, 128), (220, 60, 40), (40, 110, 40),
-           (40, 90, 200), (250, 210, 0), (0, 220, 220), (255, 120, 200), (120, 0, 160)]
+CLASS_NAMES = [
+    "bare ground",
+    "grass",
+    "road",
+    "building",
+    "tree",
+    "water",
+    "car",
+    "swimming pool",
+    "boat",
+    "solar panel",
+]
+PALETTE = [
+    (150, 130, 100),
+    (100, 180, 70),
+    (128, 64, 128),
+    (220, 60, 40),
+    (40, 110, 40),
+    (40, 90, 200),
+    (250, 210, 0),
+    (0, 220, 220),
+    (255, 120, 200),
+    (120, 0, 160),
+]
 BARE, GRASS, ROAD, BUILDING, TREE, WATER, CAR, POOL, BOAT, SOLAR = range(len(CLASS_NAMES))
 
 _ASPHALT, _CONCRETE, _SOIL = (85, 85, 88), (150, 150, 145), (150, 130, 100)
@@ -33,8 +53,9 @@ _POOL, _SOLAR = (60, 185, 205), (45, 50, 66)  # solar panels sit between asphalt
 _PROBE = np.stack(np.meshgrid([0, 0.5, 1], [0, 0.5, 1]), -1).reshape(-1, 2)  # corners, mids, centre
 _HULL = np.array([[-0.5, -0.18], [0.2, -0.18], [0.5, 0], [0.2, 0.18], [-0.5, 0.18]])  # per metre of boat
 # Lookup tables of the classes that forbid a placement.
-_LOT_BLOCKERS, _HOUSE_BLOCKERS, _TREE_BLOCKERS = (np.isin(np.arange(256), c) for c in (
-    [ROAD, WATER], [ROAD, WATER, BUILDING], [ROAD, BUILDING, WATER, POOL]))
+_LOT_BLOCKERS, _HOUSE_BLOCKERS, _TREE_BLOCKERS = (
+    np.isin(np.arange(256), c) for c in ([ROAD, WATER], [ROAD, WATER, BUILDING], [ROAD, BUILDING, WATER, POOL])
+)
 _DRY = np.arange(256) != WATER
 
 
@@ -164,8 +185,9 @@ def _lots(cv, rng, segments):
     centre = o + ((a0 + a1) / 2)[:, None] * u + ((b0 + b1) / 2)[:, None] * n
     keep = (a1 <= length[row]) & (r[:, 0] >= 0.1) & cv.visible(centre, 25)
     o, u, n, a0, a1, b0, b1, r = (x[keep] for x in (o, u, n, a0, a1, b0, b1, r))
-    probe = _frame(o, u, n, a0[:, None] + (a1 - a0)[:, None] * _PROBE[:, 0],
-                   b0[:, None] + (b1 - b0)[:, None] * _PROBE[:, 1])
+    probe = _frame(
+        o, u, n, a0[:, None] + (a1 - a0)[:, None] * _PROBE[:, 0], b0[:, None] + (b1 - b0)[:, None] * _PROBE[:, 1]
+    )
     keep = ~cv.hit(cv.fix(probe), _LOT_BLOCKERS)
     return o[keep], u[keep], n[keep], (a0[keep], a1[keep], b0[keep], b1[keep]), r[keep]
 
@@ -184,8 +206,9 @@ def _houses(cv, rng, lots, pool_rate, solar_rate):
     bd = np.minimum(9 + 6 * r[:, 4], b1 - front - 3)
     ba0 = a0 + (a1 - a0 - bw) * r[:, 5]
     ba1, back = ba0 + bw, front + bd
-    probe = cv.fix(_frame(o, u, n, ba0[:, None] + bw[:, None] * _PROBE[:, 0],
-                          front[:, None] + bd[:, None] * _PROBE[:, 1]))
+    probe = cv.fix(
+        _frame(o, u, n, ba0[:, None] + bw[:, None] * _PROBE[:, 0], front[:, None] + bd[:, None] * _PROBE[:, 1])
+    )
     house, ridges = cv.fix(_box(o, u, n, ba0, ba1, front, back)), cv.fix(_box(o, u, n, ba0, ba1, back - bd / 2, back))
     roof = _tones(rng, _ROOFS[(r[:, 6] * len(_ROOFS)).astype(int)], 14)
     ridge, roof, tall = (0.82 * roof).tolist(), roof.tolist(), 3 + 4 * r[:, 7]
@@ -304,8 +327,15 @@ def render_scene(rng, height, width, with_image=True):
     """
     scale = rng.uniform(2.2, 4.0) * np.sqrt(height * width / (256 * 512))  # pixels per metre
     azimuth, low_sun = rng.uniform(np.pi / 6, np.pi / 3), rng.uniform(0.2, 0.5)  # shadows fall south-east
-    cv = _Canvas(height, width, with_image, scale, rng.uniform(0, 2 * np.pi),
-                 low_sun * np.array([np.cos(azimuth), np.sin(azimuth)]), rng.uniform(0.3, 0.55))
+    cv = _Canvas(
+        height,
+        width,
+        with_image,
+        scale,
+        rng.uniform(0, 2 * np.pi),
+        low_sun * np.array([np.cos(azimuth), np.sin(azimuth)]),
+        rng.uniform(0.3, 0.55),
+    )
     reach = 0.5 * np.hypot(height, width) / scale  # metres from the centre to a corner
     base = GRASS if rng.random() < 0.55 else BARE
     cv.lab[:], color = base, _ground(rng, base)
@@ -324,13 +354,18 @@ def render_scene(rng, height, width, with_image=True):
     which = np.repeat(np.arange(len(p)), rng.poisson(length / 40))  # traffic in both lanes
     side = np.where(rng.random(which.size) < 0.5, 1.0, -1.0)[:, None]
     moving = p[which] + (rng.random(which.size) * length[which])[:, None] * u[which]
-    _cars(cv, rng, np.r_[parked, moving + side * (w[which] / 4)[:, None] * _perp(u[which])],
-          np.r_[heads, side * u[which]])
+    _cars(
+        cv, rng, np.r_[parked, moving + side * (w[which] / 4)[:, None] * _perp(u[which])], np.r_[heads, side * u[which]]
+    )
     loose = cv.sample(rng, rng.poisson(reach * reach / 500))  # verges and parks
     wood = cv.sample(rng, int(rng.random() < 0.3))
-    _trees(cv, rng, np.r_[spots, loose, wood],
-           np.r_[rng.uniform(0.5, 2.5, len(spots)), rng.uniform(1, 5, len(loose)), rng.uniform(8, 18, len(wood))],
-           np.r_[rng.integers(1, 5, len(spots)), rng.integers(2, 9, len(loose)), rng.integers(20, 50, len(wood))])
+    _trees(
+        cv,
+        rng,
+        np.r_[spots, loose, wood],
+        np.r_[rng.uniform(0.5, 2.5, len(spots)), rng.uniform(1, 5, len(loose)), rng.uniform(8, 18, len(wood))],
+        np.r_[rng.integers(1, 5, len(spots)), rng.integers(2, 9, len(loose)), rng.integers(20, 50, len(wood))],
+    )
     _boats(cv, rng, anchors, spread)
     if cv.img is None:
         return None, cv.lab

@@ -35,9 +35,7 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DatasetError(f"cannot read label file {path} (missing, unreadable or corrupt)")
     if label.ndim != 2 or label.dtype != np.uint8:
         shape = "x".join(map(str, label.shape))
-        raise DatasetError(
-            f"label file {path} must be single-channel 8-bit, got shape {shape} dtype {label.dtype}"
-        )
+        raise DatasetError(f"label file {path} must be single-channel 8-bit, got shape {shape} dtype {label.dtype}")
     return label
 
 
@@ -55,9 +53,7 @@ def check_label_values(label: np.ndarray, num_classes: int, path: str | Path) ->
 def check_same_size(image: np.ndarray, label: np.ndarray, image_path, label_path) -> None:
     if image.shape[:2] != label.shape[:2]:
         (ih, iw), (lh, lw) = image.shape[:2], label.shape[:2]
-        raise DatasetError(
-            f"size mismatch: image {image_path} is {ih}x{iw} but label {label_path} is {lh}x{lw}"
-        )
+        raise DatasetError(f"size mismatch: image {image_path} is {ih}x{iw} but label {label_path} is {lh}x{lw}")
 
 
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

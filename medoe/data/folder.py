@@ -43,9 +43,7 @@ def read_palette(path: Path, num_classes: int) -> list[tuple[int, int, int]]:
             raise DatasetError(f"palette file {path} line {line_no}: expected 'r g b' in 0..255")
         palette.append(rgb)
     if len(palette) != num_classes:
-        raise DatasetError(
-            f"palette file {path} has {len(palette)} colours but there are {num_classes} classes"
-        )
+        raise DatasetError(f"palette file {path} has {len(palette)} colours but there are {num_classes} classes")
     return palette
 
 
@@ -67,8 +65,10 @@ def export_folder_dataset(dataset, out: str | Path) -> None:
     for i in range(len(dataset)):
         image, label = dataset.load(i)
         name = dataset.sample_name(i)
-        for path, array in ((image_dir / f"{name}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
-                            (label_dir / f"{name}.png", label)):
+        for path, array in (
+            (image_dir / f"{name}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
+            (label_dir / f"{name}.png", label),
+        ):
             if not cv2.imwrite(str(path), array):
                 raise DatasetError(f"cannot write {path}")
 
@@ -89,8 +89,7 @@ class FolderDataset(FileSegDataset):
         for image_path in images:
             if image_path.stem in by_stem:
                 raise DatasetError(
-                    f"two images share the stem {image_path.stem!r}: {by_stem[image_path.stem]} "
-                    f"and {image_path}"
+                    f"two images share the stem {image_path.stem!r}: {by_stem[image_path.stem]} and {image_path}"
                 )
             by_stem[image_path.stem] = image_path
         pairs, names = [], []

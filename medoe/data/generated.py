@@ -26,12 +26,21 @@ class GeneratedScenes(SegmentationDataset):
 
     prefix = "generated"
 
-    def __init__(self, num_images: int = 200, height: int = 256, width: int = 512, seed: int = 0,
-                 split: str = "train", transform: PairTransform | None = None):
+    def __init__(
+        self,
+        num_images: int = 200,
+        height: int = 256,
+        width: int = 512,
+        seed: int = 0,
+        split: str = "train",
+        transform: PairTransform | None = None,
+    ):
         super().__init__(split, transform)
         if num_images < 0 or height < 8 or width < 8:
-            raise ValueError(f"{type(self).__name__} needs num_images >= 0 and size >= 8x8, got "
-                             f"{num_images} images of {height}x{width}")
+            raise ValueError(
+                f"{type(self).__name__} needs num_images >= 0 and size >= 8x8, got "
+                f"{num_images} images of {height}x{width}"
+            )
         self.num_images, self.height, self.width, self.seed = num_images, height, width, seed
         # Splits get disjoint random streams; unknown split names hash to their own stream.
         self._split_code = _SPLIT_CODES.get(split, zlib.crc32(split.encode()) + 3)
@@ -71,8 +80,11 @@ def pixel_stats(dataset: GeneratedScenes) -> dict:
         counts += np.bincount(dataset.label_map(i).ravel(), minlength=256)
     shares = counts[: dataset.num_classes] / max(1, counts[: dataset.num_classes].sum())
     groups = _groups(shares)
-    return {"classes": list(dataset.class_names), "pixel_share": [round(float(s), 6) for s in shares],
-            "groups": {k: [dataset.class_names[i] for i in v] for k, v in groups.items()}}
+    return {
+        "classes": list(dataset.class_names),
+        "pixel_share": [round(float(s), 6) for s in shares],
+        "groups": {k: [dataset.class_names[i] for i in v] for k, v in groups.items()},
+    }
 
 
 def generator_main(dataset_class: type[GeneratedScenes], prog: str, description: str, argv=None) -> int:

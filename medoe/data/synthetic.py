@@ -17,16 +17,38 @@ from cityscapesscripts.helpers.labels import name2label
 
 from medoe.data.generated import GeneratedScenes, generator_main
 
-_CHOSEN = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-           "traffic sign", "vegetation", "terrain", "sky", "person", "car", "bicycle"]
+_CHOSEN = [
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "car",
+    "bicycle",
+]
 CLASS_NAMES = sorted(_CHOSEN, key=lambda name: name2label[name].trainId)
 PALETTE = [tuple(name2label[name].color) for name in CLASS_NAMES]
-(ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON,
- CAR, BICYCLE) = range(len(CLASS_NAMES))
+(ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR, BICYCLE) = range(
+    len(CLASS_NAMES)
+)
 
 _CONCRETE = ((135, 135, 135), 40)  # shared by building, wall, pole, sidewalk, overcast sky
-_PAINTS = [(180, 30, 35), (30, 60, 165), (225, 200, 35), (225, 225, 225), (35, 35, 40),
-           (135, 135, 135), (50, 105, 60)]  # car bodies; the first four are also sign colours
+_PAINTS = [
+    (180, 30, 35),
+    (30, 60, 165),
+    (225, 200, 35),
+    (225, 225, 225),
+    (35, 35, 40),
+    (135, 135, 135),
+    (50, 105, 60),
+]  # car bodies; the first four are also sign colours
 _GREENS = ((70, 120, 45), 30)
 
 
@@ -137,8 +159,7 @@ def _tree(cv, rng, x, z, _extra=None):
     cv.front(x - 0.15, x + 0.15, 0, height, z, trunk, VEGETATION)  # trunks are vegetation too
     for _ in range(rng.integers(3, 7)):
         r = rng.uniform(1.0, 2.2)
-        cv.disc(x + rng.uniform(-1.2, 1.2), height + rng.uniform(0.3, 2.5), z, r,
-                _tone(rng, *_GREENS), VEGETATION)
+        cv.disc(x + rng.uniform(-1.2, 1.2), height + rng.uniform(0.3, 2.5), z, r, _tone(rng, *_GREENS), VEGETATION)
 
 
 def _car(cv, rng, x, z, _extra=None):
@@ -176,8 +197,14 @@ def _bicycle(cv, rng, x, z, _extra=None):
     for s in (-0.52, 0.52):
         cv.disc(x + s, hub, z, hub, (25, 25, 25), BICYCLE, thickness=0.05)
     crank, seat, bar = (x - 0.05, 0.3), (x - 0.2, 0.9), (x + 0.42, 0.95)
-    for p, q in [((x - 0.52, hub), crank), (crank, seat), (seat, (x - 0.52, hub)),
-                 (crank, (x + 0.38, 0.8)), (seat, (x + 0.38, 0.8)), ((x + 0.52, hub), bar)]:
+    for p, q in [
+        ((x - 0.52, hub), crank),
+        (crank, seat),
+        (seat, (x - 0.52, hub)),
+        (crank, (x + 0.38, 0.8)),
+        (seat, (x + 0.38, 0.8)),
+        ((x + 0.52, hub), bar),
+    ]:
         cv.segment(p, q, z, 0.04, frame, BICYCLE)
 
 
@@ -188,8 +215,12 @@ def render_scene(rng, height, width, with_image=True):
     (for class statistics) yields exactly the label of the full rendering.
     """
     hz = height * rng.uniform(0.38, 0.5)
-    cam = (0.5 * (width / 2 + height) * rng.uniform(0.85, 1.15), width * rng.uniform(0.4, 0.6),
-           hz, rng.uniform(1.3, 1.8))
+    cam = (
+        0.5 * (width / 2 + height) * rng.uniform(0.85, 1.15),
+        width * rng.uniform(0.4, 0.6),
+        hz,
+        rng.uniform(1.3, 1.8),
+    )
     cv = _Canvas(height, width, with_image, cam)
     road = rng.uniform(2.5, 5.5, 2)  # half-widths left/right of the camera
     verge = (rng.random(2) < 0.5) * rng.uniform(0.6, 2.0, 2)  # grass between road and walk
@@ -206,8 +237,9 @@ def render_scene(rng, height, width, with_image=True):
         cv.img[:cut] = (np.array(sky_top) * (1 - ramp) + np.array(sky_low) * ramp).astype(np.uint8)
         cv.img[cut:] = pavement
     for _ in range(rng.integers(0, 4)):  # clouds stay sky
-        cv.disc(rng.uniform(-60, 60), rng.uniform(30, 60), 200.0, rng.uniform(5, 15),
-                _tone(rng, (225, 225, 230), 15), SKY)
+        cv.disc(
+            rng.uniform(-60, 60), rng.uniform(30, 60), 200.0, rng.uniform(5, 15), _tone(rng, (225, 225, 230), 15), SKY
+        )
     cv.ground(-road[0], road[1], 0.3, zfar, _tone(rng, (85, 85, 88), 25), ROAD)
     paint = _tone(rng, (230, 230, 220) if rng.random() < 0.7 else (220, 190, 40), 10)
     for z in np.arange(rng.uniform(1.0, 4.0), zfar, 9.0):  # dashed centre line: road, not white
@@ -236,12 +268,14 @@ def render_scene(rng, height, width, with_image=True):
             z0, x = rng.uniform(3, 30), facade - s * rng.uniform(0.3, 1.2)
             cv.side(x, z0, z0 + rng.uniform(4, 15), 0, rng.uniform(0.8, 1.6), _tone(rng, *_GREENS), VEGETATION)
         pole_color = _tone(rng, *_CONCRETE) if rng.random() < 0.6 else _tone(rng, (60, 70, 65), 15)
-        near = [(_fence, rng.binomial(1, 0.4), (4, 30), (0.25, 0.25)),
-                (_pole, rng.poisson(1.6), (4, 45), (0.3, 0.6)),
-                (_tree, rng.poisson(1.0), (5, 60), (0.6, 1.5)),
-                (_person, rng.poisson(0.7), (4, 40), (0.4, walk[idx] - 0.4)),
-                (_bicycle, rng.poisson(0.3), (4, 30), (0.8, 1.4)),
-                (_car, rng.poisson(2.0), (4, 60), (-verge[idx] - 1.1,) * 2)]  # parked at the curb
+        near = [
+            (_fence, rng.binomial(1, 0.4), (4, 30), (0.25, 0.25)),
+            (_pole, rng.poisson(1.6), (4, 45), (0.3, 0.6)),
+            (_tree, rng.poisson(1.0), (5, 60), (0.6, 1.5)),
+            (_person, rng.poisson(0.7), (4, 40), (0.4, walk[idx] - 0.4)),
+            (_bicycle, rng.poisson(0.3), (4, 30), (0.8, 1.4)),
+            (_car, rng.poisson(2.0), (4, 60), (-verge[idx] - 1.1,) * 2),
+        ]  # parked at the curb
         for draw, count, (z0, z1), (x0, x1) in near:
             for _ in range(count):
                 objects.append((rng.uniform(z0, z1), draw, s * (curb + rng.uniform(x0, x1)), pole_color))
@@ -278,13 +312,15 @@ def _photometric(rng, img):
     gh, gw = max(2, height // 32), max(2, width // 32)
     # The gain is built on a coarse grid and upsampled: a linear ramp plus smooth blotches.
     low = rng.standard_normal((gh, gw), dtype=np.float32) * np.float32(0.07)
-    low += (1 + 0.5 * c + a * np.linspace(-0.5, 0.5, gh)[:, None]
-            + b * np.linspace(-0.5, 0.5, gw)[None]).astype(np.float32)
+    low += (1 + 0.5 * c + a * np.linspace(-0.5, 0.5, gh)[:, None] + b * np.linspace(-0.5, 0.5, gw)[None]).astype(
+        np.float32
+    )
     gain = cv2.resize(cv2.merge([low, low, low]), (width, height), interpolation=cv2.INTER_LINEAR)
     lit = cv2.multiply(cv2.GaussianBlur(img, (3, 3), 0), gain, dtype=cv2.CV_16S)
     # Uniform noise from raw bytes (int8, std 73.9) is far cheaper than Gaussian draws.
     noise = np.frombuffer(rng.bytes(img.size), np.int8).reshape(img.shape)
     return cv2.addWeighted(lit, 1.0, noise, rng.uniform(3, 10) / 73.9, 0, dtype=cv2.CV_8U)
+
 
 class SyntheticStreets(GeneratedScenes):
     class_names = CLASS_NAMES

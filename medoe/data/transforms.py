@@ -75,9 +75,7 @@ def train_transform(
         A.HorizontalFlip(p=hflip),
     ]
     if jitter:
-        steps.append(
-            A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.04, p=0.8)
-        )
+        steps.append(A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.04, p=0.8))
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
     compose = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)

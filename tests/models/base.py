@@ -21,8 +21,11 @@ class ModelContract:
 
     def config(self, **changes) -> ModelConfig:
         values = dict(
-            backbone=self.backbone, context=self.context, num_classes=NUM_CLASSES,
-            decoder_channels=self.decoder_channels, decision_hidden=8,
+            backbone=self.backbone,
+            context=self.context,
+            num_classes=NUM_CLASSES,
+            decoder_channels=self.decoder_channels,
+            decision_hidden=8,
         )
         values.update(changes)
         return ModelConfig(**values)

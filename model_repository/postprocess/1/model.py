@@ -46,7 +46,9 @@ class TritonPythonModel:
             # args["model_repository"] is this model's own directory; the metadata model is its sibling.
             source = Path(args["model_repository"]).parent / parameters.get("metadata_model", MODEL) / "config.pbtxt"
             if not source.is_file():
-                raise pb_utils.TritonModelException(f"postprocess: no palette parameter and no {source} to read it from")
+                raise pb_utils.TritonModelException(
+                    f"postprocess: no palette parameter and no {source} to read it from"
+                )
             parameters = {**_model_parameters(source), **parameters}
         if "palette" not in parameters:
             raise pb_utils.TritonModelException("postprocess: the metadata model's config has no `palette` parameter")
@@ -68,10 +70,18 @@ class TritonPythonModel:
             # `images` is the original image; labels come at the working size when preprocess resized.
             # Resized only when preprocess used a working size: a copy of 2.5 MB costs ~1 ms.
             if labels.shape != image.shape[:2]:
-                labels, confidence = resize_labels_nearest(labels, image.shape[:2]), resize_map(confidence, image.shape[:2])
-            outputs = {LABELS: labels, OVERLAY: overlay(image, labels, self.palette, self.alpha),
-                       CLASS_SHARE: class_share(labels, self.num_classes),
-                       CONFIDENCE: np.ascontiguousarray(confidence, np.float32),
-                       EXPERT_WEIGHTS: np.ascontiguousarray(weights, np.float32)}
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]))
+                labels, confidence = (
+                    resize_labels_nearest(labels, image.shape[:2]),
+                    resize_map(confidence, image.shape[:2]),
+                )
+            outputs = {
+                LABELS: labels,
+                OVERLAY: overlay(image, labels, self.palette, self.alpha),
+                CLASS_SHARE: class_share(labels, self.num_classes),
+                CONFIDENCE: np.ascontiguousarray(confidence, np.float32),
+                EXPERT_WEIGHTS: np.ascontiguousarray(weights, np.float32),
+            }
+            responses.append(
+                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+            )
         return responses

@@ -33,10 +33,17 @@ class TritonPythonModel:
                 image = decode_image(data[0], self.max_pixels)
             except ValueError as err:
                 # The client sees this message with HTTP 400 / gRPC INVALID_ARGUMENT.
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG))
+                )
                 continue
             model_input = resize_to_working_size(image, self.working_size)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(IMAGES, model_input[np.newaxis]), pb_utils.Tensor(ORIGINAL, image[np.newaxis])]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor(IMAGES, model_input[np.newaxis]),
+                        pb_utils.Tensor(ORIGINAL, image[np.newaxis]),
+                    ]
+                )
+            )
         return responses
