@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     try:
         if any(run.startswith(("medoe_", "segment_")) for run in args.runs):
             from serving.processes import free_ports
-            from serving.server import start_server
+            from serving.supervisor import start_server
 
             server = start_server(args.repository, *free_ports(3), timeout=300)
         for concurrency in args.concurrency:

@@ -3,7 +3,7 @@
     python -m bench.soak --minutes 10 --concurrency 8                     # starts the server itself
     python -m bench.soak --minutes 10 --url 127.0.0.1:8000 --server-pid PID   # a running server
 
-By default the embedded tritonserver (serving/server.py) serves --model-repository on free
+By default the embedded tritonserver (serving/supervisor.py) serves --model-repository on free
 loopback ports. Every answer is checked: labels [H, W] at the image's size and equal to the first
 answer for the same image (the model is deterministic); requests are not retried, every error
 counts. Every --sample-seconds the RSS of tritonserver and all its descendants (the python-backend
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from bench import report as reporting
 from medoe.cli import CliParser, parse_dims
@@ -42,11 +43,21 @@ def get_args(argv=None) -> argparse.Namespace:
     parser = CliParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8, help="client threads, one request in flight each")
-    parser.add_argument("--warmup-seconds", type=float, default=60.0, help="excluded from latency, throughput and growth")
-    parser.add_argument("--window-seconds", type=float, help="RSS window for growth and timeline rows (default min(60, post-warm-up / 3))")
+    parser.add_argument(
+        "--warmup-seconds", type=float, default=60.0, help="excluded from latency, throughput and growth"
+    )
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        help="RSS window for growth and timeline rows (default min(60, post-warm-up / 3))",
+    )
     parser.add_argument("--sample-seconds", type=float, help="RSS sampling interval (default min(5, window / 5))")
-    parser.add_argument("--images", choices=("synthetic", "examples"), default="synthetic",
-                        help="synthetic street scenes (PNG and JPEG) at --size, or serving/examples/")
+    parser.add_argument(
+        "--images",
+        choices=("synthetic", "examples"),
+        default="synthetic",
+        help="synthetic street scenes (PNG and JPEG) at --size, or serving/examples/",
+    )
     parser.add_argument("--size", type=size, default=(256, 512), help="HxW of the synthetic images")
     parser.add_argument("--num-images", type=int, default=8, help="distinct synthetic images")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
@@ -61,8 +72,10 @@ def get_args(argv=None) -> argparse.Namespace:
     args.window_seconds = args.window_seconds or min(60.0, (duration - args.warmup_seconds) / 3)
     args.sample_seconds = args.sample_seconds or min(5.0, args.window_seconds / 5)
     if duration - args.warmup_seconds < 2 * args.window_seconds or args.window_seconds < 2 * args.sample_seconds:
-        parser.error(f"{duration - args.warmup_seconds:.0f} s after warm-up must hold two --window-seconds "
-                     f"({args.window_seconds:.0f} s), each at least two --sample-seconds ({args.sample_seconds:.1f} s)")
+        parser.error(
+            f"{duration - args.warmup_seconds:.0f} s after warm-up must hold two --window-seconds "
+            f"({args.window_seconds:.0f} s), each at least two --sample-seconds ({args.sample_seconds:.1f} s)"
+        )
     if bool(args.url) != bool(args.server_pid):
         parser.error("--url and --server-pid go together (the soak measures that server's memory)")
     return args
@@ -91,12 +104,12 @@ def tree_rss(pid: int) -> dict[str, int]:
     rss = {}
     for p in [pid, *descendants(pid)]:
         try:
-            pages = int(Path(f"/proc/{p}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            resident = psutil.Process(p).memory_info().rss
+        except psutil.Error:  # exited meanwhile (or not ours to read): not counted
             continue
         instance = stub_instance(cmdline(p))
         name = "tritonserver" if p == pid else f"stub {instance}" if instance else f"pid {p}"
-        rss[name] = rss.get(name, 0) + pages * os.sysconf("SC_PAGE_SIZE")
+        rss[name] = rss.get(name, 0) + resident
     return rss
 
 
@@ -136,7 +149,9 @@ def run(args, url: str, pid: int, images) -> dict:
                     if labels.shape != shape:
                         error = f"{name}: labels {labels.shape}, image {shape}"
                     elif not np.array_equal(labels, expected):
-                        error = f"{name}: labels differ from the first answer in {int((labels != expected).sum())} pixels"
+                        error = (
+                            f"{name}: labels differ from the first answer in {int((labels != expected).sum())} pixels"
+                        )
                 except Exception as err:  # noqa: BLE001 -- every failure is counted, none retried
                     error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
                 records.append((time.monotonic() - start, time.monotonic() - sent, error))
@@ -175,43 +190,82 @@ def summarize(args, records, samples) -> dict:
     for lo in np.arange(0, duration - 1e-6, window):
         hi = min(lo + window, duration)
         done = [(lat, e) for t, lat, e in records if lo <= t < hi]
-        timeline.append({"from_s": round(float(lo)), "to_s": round(float(hi)), "rss_mib": round(rss_median(lo, hi), 1),
-                         "requests": len(done), "failures": sum(1 for _, e in done if e),
-                         "p50_ms": percentile([lat * 1000 for lat, e in done if not e], 50)})
+        timeline.append(
+            {
+                "from_s": round(float(lo)),
+                "to_s": round(float(hi)),
+                "rss_mib": round(rss_median(lo, hi), 1),
+                "requests": len(done),
+                "failures": sum(1 for _, e in done if e),
+                "p50_ms": percentile([lat * 1000 for lat, e in done if not e], 50),
+            }
+        )
     after = [r for t, r in samples if t >= warmup]
     processes = {n: [round(after[0].get(n, 0) / MIB, 1), round(after[-1].get(n, 0) / MIB, 1)] for n in after[-1]}
-    return {"requests": len(records), "failures": len(failures),
-            "failure_messages": dict(messages.most_common(5)),
-            "throughput_rps": round(sum(1 for t, _, _ in records if t >= warmup) / (duration - warmup), 2),
-            "latency_ms": {f"p{q}": percentile(steady, q) for q in (50, 95, 99)},
-            "rss_mib": {"first_window_median": round(first, 1), "last_window_median": round(last, 1), "growth": round(growth, 4)},
-            "processes_rss_mib_first_last": processes, "timeline": timeline, "samples": len(samples),
-            "goals": [reporting.goal("failed_requests", len(failures), 0, "<="), reporting.goal("rss_growth_after_warmup", growth, 0.05, "<=")]}
+    return {
+        "requests": len(records),
+        "failures": len(failures),
+        "failure_messages": dict(messages.most_common(5)),
+        "throughput_rps": round(sum(1 for t, _, _ in records if t >= warmup) / (duration - warmup), 2),
+        "latency_ms": {f"p{q}": percentile(steady, q) for q in (50, 95, 99)},
+        "rss_mib": {
+            "first_window_median": round(first, 1),
+            "last_window_median": round(last, 1),
+            "growth": round(growth, 4),
+        },
+        "processes_rss_mib_first_last": processes,
+        "timeline": timeline,
+        "samples": len(samples),
+        "goals": [
+            reporting.goal("failed_requests", len(failures), 0, "<="),
+            reporting.goal("rss_growth_after_warmup", growth, 0.05, "<="),
+        ],
+    }
 
 
 def markdown(report: dict) -> list[str]:
     s, rss = report["settings"], report["rss_mib"]
     lines = reporting.header_markdown("Soak test: the `segment` ensemble under constant load", report)
     lines += [
-        f"{s['concurrency']} client threads ({s['protocol']}, one request in flight each, no retries) sent `segment` requests "
-        f"for {s['minutes']:g} min to {s['server']}; images: {s['images']}. Every answer was checked (labels at the image's "
-        f"size, equal to the first answer for that image). Warm-up {s['warmup_seconds']:g} s; RSS = tritonserver plus its "
-        f"python-backend stubs, summed from /proc every {s['sample_seconds']:g} s; growth compares the medians of the first "
+        f"{s['concurrency']} client threads ({s['protocol']}, one request in flight each, no retries) sent `segment` "
+        "requests "
+        f"for {s['minutes']:g} min to {s['server']}; images: {s['images']}. Every answer was checked (labels at the "
+        "image's "
+        f"size, equal to the first answer for that image). Warm-up {s['warmup_seconds']:g} s; RSS = tritonserver "
+        "plus its "
+        f"python-backend stubs, summed from /proc every {s['sample_seconds']:g} s; growth compares the medians of "
+        "the first "
         f"and last {s['window_seconds']:g}-s windows after warm-up. Load average (1 min) before/after: "
-        f"{s['load_average_before_after'][0]} / {s['load_average_before_after'][1]} (after includes this run).", "",
-        "| requests | failures | throughput (req/s) | p50 ms | p95 ms | p99 ms | RSS first / last window (MiB) | growth |",
+        f"{s['load_average_before_after'][0]} / {s['load_average_before_after'][1]} (after includes this run).",
+        "",
+        "| requests | failures | throughput (req/s) | p50 ms | p95 ms | p99 ms | RSS first / last window (MiB) | "
+        "growth |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {report['requests']} | {report['failures']} | {report['throughput_rps']} | {report['latency_ms']['p50']} | "
         f"{report['latency_ms']['p95']} | {report['latency_ms']['p99']} | {rss['first_window_median']} / "
-        f"{rss['last_window_median']} | {100 * rss['growth']:+.2f}% |", "",
-        "| time (s) | RSS median (MiB) | requests | failures | p50 ms |", "|---|---:|---:|---:|---:|",
-        *[f"| {r['from_s']}-{r['to_s']} | {r['rss_mib']} | {r['requests']} | {r['failures']} | {r['p50_ms']} |" for r in report["timeline"]], "",
+        f"{rss['last_window_median']} | {100 * rss['growth']:+.2f}% |",
+        "",
+        "| time (s) | RSS median (MiB) | requests | failures | p50 ms |",
+        "|---|---:|---:|---:|---:|",
+        *[
+            f"| {r['from_s']}-{r['to_s']} | {r['rss_mib']} | {r['requests']} | {r['failures']} | {r['p50_ms']} |"
+            for r in report["timeline"]
+        ],
+        "",
         "RSS per process after warm-up, first / last sample (MiB): "
-        + ", ".join(f"{n} {a} / {b}" for n, (a, b) in report["processes_rss_mib_first_last"].items()) + ".", "",
-        *reporting.goals_markdown(report["goals"]), "",
+        + ", ".join(f"{n} {a} / {b}" for n, (a, b) in report["processes_rss_mib_first_last"].items())
+        + ".",
+        "",
+        *reporting.goals_markdown(report["goals"]),
+        "",
     ]
     if report["failure_messages"]:
-        lines += ["Failures (most frequent first):", "", *[f"- {n} x `{m}`" for m, n in report["failure_messages"].items()], ""]
+        lines += [
+            "Failures (most frequent first):",
+            "",
+            *[f"- {n} x `{m}`" for m, n in report["failure_messages"].items()],
+            "",
+        ]
     return [*lines, f"Regenerate with `{report['command']}`."]
 
 
@@ -222,12 +276,13 @@ def main(argv=None) -> int:
     try:
         if args.url:
             pid, url, server = args.server_pid, args.url, f"the server at {args.url}"
-            if not Path(f"/proc/{pid}").is_dir() or not _ready(args.protocol, url):
+            if not psutil.pid_exists(pid) or not _ready(args.protocol, url):
                 print(f"error: no ready Triton server at {url} ({args.protocol}) with pid {pid}", file=sys.stderr)
                 return 2
         else:
             from serving.processes import free_ports
-            from serving.server import ServerError, start_server
+            from serving.repository import ServerError
+            from serving.supervisor import start_server
 
             try:
                 handle = start_server(args.model_repository, *free_ports(3), timeout=300)
@@ -241,17 +296,25 @@ def main(argv=None) -> int:
     finally:
         if handle is not None:
             handle.stop()
-    report = {**reporting.provenance("bench.soak", argv),
-              "settings": {"minutes": args.minutes, "concurrency": args.concurrency, "warmup_seconds": args.warmup_seconds,
-                           "window_seconds": round(args.window_seconds, 1), "sample_seconds": round(args.sample_seconds, 2),
-                           "protocol": args.protocol, "server": server,
-                           "images": f"{len(images)} {args.images}" + (f" {args.size[0]}x{args.size[1]}" if args.images == "synthetic" else ""),
-                           "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
-              **results}
+    report = {
+        **reporting.provenance("bench.soak", argv),
+        "settings": {
+            "minutes": args.minutes,
+            "concurrency": args.concurrency,
+            "warmup_seconds": args.warmup_seconds,
+            "window_seconds": round(args.window_seconds, 1),
+            "sample_seconds": round(args.sample_seconds, 2),
+            "protocol": args.protocol,
+            "server": server,
+            "images": f"{len(images)} {args.images}"
+            + (f" {args.size[0]}x{args.size[1]}" if args.images == "synthetic" else ""),
+            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        },
+        **results,
+    }
     reporting.write_report(Path(args.out_dir), "soak", report, markdown(report))
     print("\n".join(reporting.goals_markdown(report["goals"])))
     return 0 if all(g["met"] for g in report["goals"]) else 1
-
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def _decode_png(data: bytes, layout: PngLayout, width: int, height: int) -> np.n
     if layout.data_at < 0 or not layout.data:
         raise ValueError("corrupt or truncated PNG: it has no image data chunk")
     view = memoryview(data)
-    head = view[:layout.data_at]  # signature, IHDR and whatever else comes before the image data
+    head = view[: layout.data_at]  # signature, IHDR and whatever else comes before the image data
     parts = [view[start:end] for start, end in layout.data]
     if layout.depth <= 8:
         # As one IDAT chunk (Pillow reads each chunk's header in Python) with nothing after it.
@@ -96,12 +96,16 @@ def _decode_png(data: bytes, layout: PngLayout, width: int, height: int) -> np.n
     except zlib.error as err:
         raise ValueError(f"corrupt PNG: its image data does not inflate ({err})") from None
     if len(rows) < need:
-        raise ValueError(f"corrupt or truncated PNG: its image data holds {len(rows)} of the {need} bytes "
-                         f"its {width}x{height} header needs")
+        raise ValueError(
+            f"corrupt or truncated PNG: its image data holds {len(rows)} of the {need} bytes "
+            f"its {width}x{height} header needs"
+        )
     if len(rows) > need:  # more than the rows: OpenCV decodes them alone, the surplus ignored as by Pillow
         data = b"".join((head, png_chunk(b"IDAT", zlib.compress(rows[:need], 0)), PNG_IEND))
     # IMREAD_COLOR expands grey and drops alpha; ANYDEPTH keeps the 16 bits, to be rounded here.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION | cv2.IMREAD_ANYDEPTH)
+    image = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION | cv2.IMREAD_ANYDEPTH
+    )
     if image is None:
         raise ValueError("corrupt or truncated PNG: OpenCV could not decode it")
     if image.dtype == np.uint16:
@@ -134,8 +138,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if width < 1 or height < 1:
         raise ValueError(f"{kind} header gives an empty image ({width}x{height})")
     if width * height > max_pixels or max(width, height) > MAX_SIDE:
-        raise ValueError(f"{kind} image is {width}x{height}, over the limit of {max_pixels} pixels "
-                         f"and {MAX_SIDE} per side")
+        raise ValueError(
+            f"{kind} image is {width}x{height}, over the limit of {max_pixels} pixels and {MAX_SIDE} per side"
+        )
     # A JPEG cut short inside its last scan has no end-of-image marker after that scan; OpenCV
     # would decode it anyway with grey rows, so refuse it here. The walk also counts the scans.
     if kind == "JPEG" and not jpeg_scans_end(data, found):
@@ -149,8 +154,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         if image is None:
             raise ValueError(f"corrupt or truncated {kind}: OpenCV could not decode it")
     if image.shape[:2] != (height, width):  # the header checked above is not the one decoded
-        raise ValueError(f"corrupt {kind}: the header says {width}x{height} but the data decodes "
-                         f"to {image.shape[1]}x{image.shape[0]}")
+        raise ValueError(
+            f"corrupt {kind}: the header says {width}x{height} but the data decodes "
+            f"to {image.shape[1]}x{image.shape[0]}"
+        )
     if kind != "PNG":
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if orientation in UPRIGHT:

@@ -22,11 +22,19 @@ from PIL import BmpImagePlugin, Image, PngImagePlugin
 ACCEPTED = "JPEG, PNG, BMP or WebP"
 # Refused by name so that the message says what was sent (prefix -> name).
 REFUSED_MAGIC = {
-    b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"II+\x00": "BigTIFF", b"MM\x00+": "BigTIFF",
-    b"GIF87a": "GIF", b"GIF89a": "GIF",
-    b"\x00\x00\x00\x0cjP  \r\n\x87\n": "JPEG 2000", b"\xff\x4f\xff\x51": "JPEG 2000",
-    b"\x00\x00\x00\x0cJXL \r\n\x87\n": "JPEG XL", b"\xff\x0a": "JPEG XL",
-    b"#?RADIANCE": "Radiance HDR", b"#?RGBE": "Radiance HDR", b"v/1\x01": "OpenEXR",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"II+\x00": "BigTIFF",
+    b"MM\x00+": "BigTIFF",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n": "JPEG 2000",
+    b"\xff\x4f\xff\x51": "JPEG 2000",
+    b"\x00\x00\x00\x0cJXL \r\n\x87\n": "JPEG XL",
+    b"\xff\x0a": "JPEG XL",
+    b"#?RADIANCE": "Radiance HDR",
+    b"#?RGBE": "Radiance HDR",
+    b"v/1\x01": "OpenEXR",
     b"\x59\xa6\x6a\x95": "Sun raster",
 }
 NETPBM = re.compile(rb"P[1-7Ff]\s")  # PBM, PGM, PPM (P1-P6), PAM (P7), PFM (PF, Pf)
@@ -45,7 +53,15 @@ MAX_JPEG_MARKERS = 2_000  # each walk: a few dozen before the first scan, one or
 MAX_JPEG_SCANS = 100  # progressive encoders write about 10
 MAX_WEBP_CHUNKS = 100_000  # one per animation frame, plus a few
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
-ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))  # x0, y0, dx, dy
+ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)  # x0, y0, dx, dy
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 JPEG_NEXT_MARKER = re.compile(rb"[^\xff]*\xff+")  # junk, then fill bytes: the marker's code follows
@@ -119,7 +135,7 @@ def _png_layout(data: bytes) -> PngLayout:
     """One walk over the chunks: each must fit in the data, and there may not be too many."""
     pos, size, chunks, ihdr, data_at, spans, in_data = 8, len(data), 0, b"", -1, [], False
     while pos + 8 <= size:
-        length = int.from_bytes(data[pos:pos + 4], "big")
+        length = int.from_bytes(data[pos : pos + 4], "big")
         # OpenCV 4.11's PNG reader allocates and zero-fills each chunk's declared length before
         # reading it: a 2 kB file whose chunk claimed 2.6 GB cost 2.5 GB and 1.5 s.
         if pos + 12 + length > size:
@@ -127,7 +143,7 @@ def _png_layout(data: bytes) -> PngLayout:
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise ValueError(f"PNG has more than {MAX_PNG_CHUNKS} chunks, over the limit")
-        kind = data[pos + 4:pos + 8]
+        kind = data[pos + 4 : pos + 8]
         if kind == b"IDAT":
             if data_at < 0:
                 data_at, in_data = pos, True
@@ -136,9 +152,11 @@ def _png_layout(data: bytes) -> PngLayout:
         else:
             in_data = False
             if data_at < 0 and chunks > MAX_PNG_CHUNKS_BEFORE_DATA:
-                raise ValueError(f"PNG has more than {MAX_PNG_CHUNKS_BEFORE_DATA} chunks before its image data, over the limit")
+                raise ValueError(
+                    f"PNG has more than {MAX_PNG_CHUNKS_BEFORE_DATA} chunks before its image data, over the limit"
+                )
             if kind == b"IHDR" and not ihdr:
-                ihdr = data[pos + 8:pos + 8 + length]
+                ihdr = data[pos + 8 : pos + 8 + length]
             elif kind == b"IEND":
                 break
         pos += 12 + length
@@ -178,7 +196,7 @@ def _jpeg_header(data: bytes) -> tuple[ImageHeader, int]:
             continue
         if code == 0xD9:
             raise _unreadable_header("JPEG", "the end-of-image marker comes before the image data")
-        length = int.from_bytes(data[pos:pos + 2], "big")
+        length = int.from_bytes(data[pos : pos + 2], "big")
         if pos + 2 > size or length < 2 or pos + length > size:
             raise _unreadable_header("JPEG", f"a marker segment declares {length} bytes, past the end of the data")
         if code == 0xDA:
@@ -188,14 +206,14 @@ def _jpeg_header(data: bytes) -> tuple[ImageHeader, int]:
         if code in JPEG_SOF and frame is None:
             if length < 8:
                 raise _unreadable_header("JPEG", "the frame header is too short")
-            bits, height, width, components = struct.unpack(">BHHB", data[pos + 2:pos + 8])
+            bits, height, width, components = struct.unpack(">BHHB", data[pos + 2 : pos + 8])
             if bits != 8:  # as Pillow's reader, which this replaces, refused them
                 raise ValueError(f"JPEG with {bits}-bit samples is not accepted: send 8-bit JPEG, PNG, BMP or WebP")
             if components not in (1, 3, 4):
                 raise ValueError(f"JPEG with {components} colour components is not accepted: 1 (grey), 3 or 4 are")
             frame = (height, width)
         elif code == 0xE1 and exif is None and data.startswith(b"Exif\x00\x00", pos + 2):
-            exif = data[pos + 2:pos + length]
+            exif = data[pos + 2 : pos + length]
         pos += length
 
 
@@ -212,14 +230,16 @@ def jpeg_scans_end(data: bytes, pos: int) -> bool:
         if markers > MAX_JPEG_MARKERS:
             raise ValueError(f"JPEG has more than {MAX_JPEG_MARKERS} markers in its image data, over the limit")
         if code != 0x01 and code != 0xD8:  # the rest carry a length
-            length = int.from_bytes(data[pos:pos + 2], "big")
+            length = int.from_bytes(data[pos : pos + 2], "big")
             if pos + 2 > size or length < 2 or pos + length > size:
                 return False
             if code == 0xDA:
                 scans += 1
                 if scans > MAX_JPEG_SCANS:
-                    raise ValueError(f"JPEG has more than {MAX_JPEG_SCANS} scans, over the limit "
-                                     "(progressive encoders write about 10)")
+                    raise ValueError(
+                        f"JPEG has more than {MAX_JPEG_SCANS} scans, over the limit "
+                        "(progressive encoders write about 10)"
+                    )
             pos += length
         end = JPEG_SCAN_END.search(data, pos)
         if end is None:
@@ -250,9 +270,9 @@ def _riff_chunk(data: bytes, fourcc: bytes) -> bytes | None:
         chunks += 1
         if chunks > MAX_WEBP_CHUNKS:
             raise ValueError(f"WebP has more than {MAX_WEBP_CHUNKS} chunks, over the limit")
-        size = int.from_bytes(data[pos + 4:pos + 8], "little")
-        if data[pos:pos + 4] == fourcc:
-            return data[pos + 8:pos + 8 + size]
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == fourcc:
+            return data[pos + 8 : pos + 8 + size]
         pos += 8 + size + (size & 1)  # chunks are padded to an even size
     return None
 

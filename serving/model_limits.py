@@ -62,8 +62,10 @@ def check_images(name: str, array: np.ndarray, max_pixels: int, max_batch_pixels
     if height * width > max_pixels:
         return f"{name} is {width}x{height}, over the limit of {max_pixels} pixels per image (max_pixels)"
     if batch * height * width > max_batch_pixels:
-        return (f"{name} is {batch} images of {width}x{height} = {batch * height * width} pixels, over the limit of "
-                f"{max_batch_pixels} pixels per batch (max_batch_pixels); send fewer images per request")
+        return (
+            f"{name} is {batch} images of {width}x{height} = {batch * height * width} pixels, over the limit of "
+            f"{max_batch_pixels} pixels per batch (max_batch_pixels); send fewer images per request"
+        )
     return None
 
 

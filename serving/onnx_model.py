@@ -1,7 +1,7 @@
 """Python-backend model that runs a model's `model.onnx` with onnxruntime.
 
 The tritonserver shipped in the nvidia-pytriton wheel has only the python backend, so
-serving/server.py copies this file as `<model>/<version>/model.py` beside the ONNX graph of
+serving/repository.py copies this file as `<model>/<version>/model.py` beside the ONNX graph of
 a model whose config names platform onnxruntime_onnx. Every request is checked first
 (serving/model_limits.py: shape, dtype, `max_pixels` per image, `max_batch_pixels` per request);
 requests that Triton's dynamic batcher hands over together run as one onnxruntime call per
@@ -12,7 +12,8 @@ heap is trimmed after them (serving/ort_memory.py), so memory comes back after a
 
 from __future__ import annotations
 
-# First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
+# First: this import puts the venv on sys.path (the bootstrap serving/repository.py adds to it;
+# the stub ignores PYTHONPATH).
 import triton_python_backend_utils as pb_utils  # isort: skip
 
 import json
@@ -81,7 +82,10 @@ class TritonPythonModel:
         if error is not None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG))
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, outputs, strict=True)])
+            output_tensors=[
+                pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in zip(self.outputs, outputs, strict=True)
+            ]
+        )
 
     def _run_together(self, members: list[int], feeds: list[dict]) -> dict[int, list[np.ndarray]]:
         sizes = [len(feeds[i][self.inputs[0]]) for i in members]
@@ -91,7 +95,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"batched run failed ({type(err).__name__}); running requests one by one")
             return {}
         bounds = np.cumsum([0, *sizes])
-        return {i: [out[bounds[k]:bounds[k + 1]] for out in joined] for k, i in enumerate(members)}
+        return {i: [out[bounds[k] : bounds[k + 1]] for out in joined] for k, i in enumerate(members)}
 
     def finalize(self):
         self.session = None

@@ -43,11 +43,14 @@ def session_options(arena: bool = True, threads: int | None = None, profile_pref
     return options
 
 
-def cpu_session(model: bytes | str | os.PathLike, threads: int | None = None, arena: bool = True,
-                profile_prefix: str = "") -> ort.InferenceSession:
+def cpu_session(
+    model: bytes | str | os.PathLike, threads: int | None = None, arena: bool = True, profile_prefix: str = ""
+) -> ort.InferenceSession:
     """A CPU session of a graph given as bytes or a path."""
     source = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(source, session_options(arena, threads, profile_prefix), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        source, session_options(arena, threads, profile_prefix), providers=["CPUExecutionProvider"]
+    )
 
 
 def malloc_trim():

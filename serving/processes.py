@@ -1,7 +1,8 @@
-"""Processes on Linux: free ports, the /proc process tree, and children that die with their parent.
+"""Processes on Linux: free ports, the process tree (psutil), and children that die with their parent.
 
-Used by serving/server.py to start and watch tritonserver, its python-backend stubs and the
-proxy, and by the benchmarks, soak and tests to find and measure them.
+Used by serving/supervisor.py to start and watch tritonserver, its python-backend stubs and the
+proxy, and by the benchmarks, soak and tests to find and measure them. Processes may exit while
+they are looked at: every helper here treats a vanished one as gone instead of raising.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import ctypes
 import os
 import signal
 import socket
-from pathlib import Path
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+import psutil
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>; psutil has no wrapper for it
 
 
 def die_with_parent(parent: int):
@@ -45,22 +47,12 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def parent_pids() -> dict[int, int]:
-    """pid -> parent pid of every process, from /proc; processes that exit meanwhile are skipped."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return parents
-
-
 def cmdline(pid: int) -> list[str]:
+    """argv of `pid`; [""] once it has exited (a zombie has no argv either), so argv[0] can always be tested."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
+        return psutil.Process(pid).cmdline() or [""]
+    except psutil.Error:  # NoSuchProcess (ZombieProcess included), AccessDenied
+        return [""]
 
 
 def stub_instance(args: list[str]) -> str | None:
@@ -70,23 +62,29 @@ def stub_instance(args: list[str]) -> str | None:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (tritonserver, its python-backend stubs), breadth first."""
-    parents = parent_pids()
-    tree = [pid]
-    for parent in tree:  # grows while it is walked
-        tree += [p for p, pp in parents.items() if pp == parent]
-    return tree[1:]
+    """Every process below `pid` (tritonserver, its python-backend stubs, zombies included), in pid
+    order (the order they started unless pids wrapped); [] once `pid` has exited."""
+    try:
+        return sorted(child.pid for child in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
 
 
 def child_processes(parent: int) -> dict[int, list[str]]:
-    """argv of every direct child of `parent`, from /proc (the stubs may be forked by any of its threads)."""
-    return {pid: cmdline(pid) for pid, pp in parent_pids().items() if pp == parent}
+    """argv of every direct child of `parent` (the stubs may be forked by any of its threads:
+    psutil reads each process's parent, not the thread that forked it)."""
+    try:
+        children = psutil.Process(parent).children()
+    except psutil.Error:
+        return {}
+    return {child.pid: cmdline(child.pid) for child in children}
 
 
 def alive_child(pid: int, parent: int) -> bool:
     # A killed stub stays a zombie: tritonserver never reaps it. The parent check guards against pid reuse.
     try:
-        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
-    except (OSError, ValueError):
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return process.status() != psutil.STATUS_ZOMBIE and process.ppid() == parent
+    except psutil.Error:
         return False
-    return state != "Z" and int(ppid) == parent

@@ -19,14 +19,17 @@ def palette_array(palette, num_entries: int = 256) -> np.ndarray:
     if colours.size and (colours.min() < 0 or colours.max() > 255):
         raise ValueError("palette colours must be within 0..255")
     table = np.zeros((max(num_entries, len(colours)), 3), np.uint8)
-    table[:len(colours)] = colours
+    table[: len(colours)] = colours
     return table
 
 
 def colorize(labels: np.ndarray, palette) -> np.ndarray:
     """[H, W] labels -> [H, W, 3] uint8 colours; labels without a palette entry are black."""
-    table = palette if isinstance(palette, np.ndarray) and palette.dtype == np.uint8 and len(palette) >= 256 \
+    table = (
+        palette
+        if isinstance(palette, np.ndarray) and palette.dtype == np.uint8 and len(palette) >= 256
         else palette_array(palette)
+    )
     labels = np.asarray(labels)
     if labels.dtype == np.uint8 and labels.ndim == 2 and len(table) == 256:
         # A 3-channel lookup table: ~7x faster than fancy indexing at 512x1024, same result.

@@ -11,7 +11,7 @@ every request before Triton sees it, caps the body (413) and the request line pl
 and Triton itself listens only on Unix sockets in a private directory: no TCP port leads to
 libevhtp. gRPC (a different server, not affected) stays Triton's own.
 
-`caddy_config` is the one home of the proxy's rules: serving/server.py runs it for the embedded
+`caddy_config` is the one home of the proxy's rules: serving/supervisor.py runs it for the embedded
 server, and deploy/proxy-config.json, which the container image's deploy/serve.sh runs beside
 tritonserver (Docker and deploy/k8s alike), is generated from it (`python -m serving.proxy
 --write`); a test keeps the two equal.
@@ -43,52 +43,87 @@ def caddy_binary() -> Path:
     return found
 
 
-def _server(listen: str, upstream: str, max_request_bytes: int, paths: list[str] | None = None,
-            methods: list[str] | None = None) -> dict:
+def _server(
+    listen: str, upstream: str, max_request_bytes: int, paths: list[str] | None = None, methods: list[str] | None = None
+) -> dict:
     forward = [
         # Caddy answers 413 once a body passes max_size, before Triton has read it all.
         {"handler": "request_body", "max_size": max_request_bytes},
-        {"handler": "reverse_proxy", "upstreams": [{"dial": upstream}],
-         "headers": {"request": {"delete": ["Content-Type"]}},
-         # Triton answers a 512x1024 request in well under this; a stuck upstream is a 504.
-         # No idle upstream connections: on SIGTERM Triton waits until every HTTP connection has
-         # closed (not just the requests in flight), so pooled ones would hold it its whole
-         # --exit-timeout-secs. A Unix-socket connect per request costs microseconds.
-         "transport": {"protocol": "http", "response_header_timeout": "300s", "keep_alive": {"enabled": False}}},
+        {
+            "handler": "reverse_proxy",
+            "upstreams": [{"dial": upstream}],
+            "headers": {"request": {"delete": ["Content-Type"]}},
+            # Triton answers a 512x1024 request in well under this; a stuck upstream is a 504.
+            # No idle upstream connections: on SIGTERM Triton waits until every HTTP connection has
+            # closed (not just the requests in flight), so pooled ones would hold it its whole
+            # --exit-timeout-secs. A Unix-socket connect per request costs microseconds.
+            "transport": {"protocol": "http", "response_header_timeout": "300s", "keep_alive": {"enabled": False}},
+        },
     ]
     routes = []
     if paths is not None:  # the metrics port: GET /metrics only, like Triton's own
-        routes.append({"match": [{"not": [{"path": paths, "method": methods}]}],
-                       "handle": [{"handler": "static_response", "status_code": 404,
-                                   "body": f"only {' '.join(methods)} {' '.join(paths)} here\n"}],
-                       "terminal": True})
+        routes.append(
+            {
+                "match": [{"not": [{"path": paths, "method": methods}]}],
+                "handle": [
+                    {
+                        "handler": "static_response",
+                        "status_code": 404,
+                        "body": f"only {' '.join(methods)} {' '.join(paths)} here\n",
+                    }
+                ],
+                "terminal": True,
+            }
+        )
     routes.append({"handle": forward})
-    return {"listen": [listen], "routes": routes, "errors": {"routes": _error_routes(max_request_bytes)},
-            "max_header_bytes": MAX_HEADER_BYTES,
-            "automatic_https": {"disable": True},
-            # Slow-loris: a client must send its headers within 30 s.
-            "read_header_timeout": "30s", "idle_timeout": "120s"}
+    return {
+        "listen": [listen],
+        "routes": routes,
+        "errors": {"routes": _error_routes(max_request_bytes)},
+        "max_header_bytes": MAX_HEADER_BYTES,
+        "automatic_https": {"disable": True},
+        # Slow-loris: a client must send its headers within 30 s.
+        "read_header_timeout": "30s",
+        "idle_timeout": "120s",
+    }
 
 
 def _error_routes(max_request_bytes: int) -> list[dict]:
     """The proxy's own refusals, as Triton words its errors (JSON `{"error": ...}`, which
     tritonclient shows), on a connection it then closes: after a 413 the unread rest of the body
     must not be parsed as the next request (Go answers that with a confusing 431)."""
+
     def answer(message: str) -> list[dict]:
-        return [{"handler": "headers", "response": {"set": {"Connection": ["close"]}}},
-                {"handler": "static_response", "status_code": "{http.error.status_code}",
-                 "headers": {"Content-Type": ["application/json"]}, "body": json.dumps({"error": message})}]
+        return [
+            {"handler": "headers", "response": {"set": {"Connection": ["close"]}}},
+            {
+                "handler": "static_response",
+                "status_code": "{http.error.status_code}",
+                "headers": {"Content-Type": ["application/json"]},
+                "body": json.dumps({"error": message}),
+            },
+        ]
 
     return [
-        {"match": [{"expression": "{http.error.status_code} == 413"}],
-         "handle": answer(f"request body over the limit of {max_request_bytes} bytes (the proxy's --max-request-bytes)"),
-         "terminal": True},
+        {
+            "match": [{"expression": "{http.error.status_code} == 413"}],
+            "handle": answer(
+                f"request body over the limit of {max_request_bytes} bytes (the proxy's --max-request-bytes)"
+            ),
+            "terminal": True,
+        },
         {"handle": answer("{http.error.status_code} {http.error.status_text} from the proxy in front of Triton")},
     ]
 
 
-def caddy_config(http_listen: str, metrics_listen: str, http_socket: str, metrics_socket: str,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, log_level: str = "ERROR") -> dict:
+def caddy_config(
+    http_listen: str,
+    metrics_listen: str,
+    http_socket: str,
+    metrics_socket: str,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    log_level: str = "ERROR",
+) -> dict:
     """Caddy's JSON config: `*_listen` are Caddy addresses (`127.0.0.1:8000`, `:8000`), the
     sockets the paths Triton was started with (`--http-address=unix:PATH`)."""
     if max_request_bytes < 1:
@@ -98,10 +133,16 @@ def caddy_config(http_listen: str, metrics_listen: str, http_socket: str, metric
         # written under the user's home.
         "admin": {"disabled": True, "config": {"persist": False}},
         "logging": {"logs": {"default": {"level": log_level}}},
-        "apps": {"http": {"servers": {
-            "triton_http": _server(http_listen, f"unix/{http_socket}", max_request_bytes),
-            "triton_metrics": _server(metrics_listen, f"unix/{metrics_socket}", 1, ["/metrics"], ["GET", "HEAD"]),
-        }}},
+        "apps": {
+            "http": {
+                "servers": {
+                    "triton_http": _server(http_listen, f"unix/{http_socket}", max_request_bytes),
+                    "triton_metrics": _server(
+                        metrics_listen, f"unix/{metrics_socket}", 1, ["/metrics"], ["GET", "HEAD"]
+                    ),
+                }
+            }
+        },
     }
 
 

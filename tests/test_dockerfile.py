@@ -45,7 +45,9 @@ def pip_pins() -> list[Requirement]:
     pins = []
     for run in arguments("RUN"):
         if "pip install" in run:
-            pins += [Requirement(token) for token in run.split("pip install", 1)[1].split() if not token.startswith("-")]
+            pins += [
+                Requirement(token) for token in run.split("pip install", 1)[1].split() if not token.startswith("-")
+            ]
     return pins
 
 
@@ -74,8 +76,11 @@ def test_every_served_model_exists_with_a_config():
         assert config.is_file(), f"{name} has no config.pbtxt"
         steps = re.findall(r'model_name:\s*"([^"]+)"', config.read_text())
         for step in steps:
-            assert step in models - {GENERATED} and (ROOT / "model_repository" / step / "config.pbtxt").is_file() \
-                or step == GENERATED, f"ensemble {name} needs {step}, which is not in model_repository/"
+            assert (
+                step in models - {GENERATED}
+                and (ROOT / "model_repository" / step / "config.pbtxt").is_file()
+                or step == GENERATED
+            ), f"ensemble {name} needs {step}, which is not in model_repository/"
         if (ROOT / "model_repository" / name / "1" / "model.py").exists():
             assert 'backend: "python"' in config.read_text()
 
@@ -83,7 +88,9 @@ def test_every_served_model_exists_with_a_config():
 def test_generated_model_is_documented_and_checked_at_build():
     text = (ROOT / "Dockerfile").read_text()
     assert "python -m export.to_onnx" in text and "model_repository/medoe/1/model.onnx" in text
-    assert any("test -f /models/medoe/1/model.onnx" in run and "/models/medoe/config.pbtxt" in run for run in arguments("RUN"))
+    assert any(
+        "test -f /models/medoe/1/model.onnx" in run and "/models/medoe/config.pbtxt" in run for run in arguments("RUN")
+    )
 
 
 def project_imports(path: Path) -> set[str]:
@@ -92,8 +99,13 @@ def project_imports(path: Path) -> set[str]:
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+            else []
+        )
         for name in names:
             if name.split(".")[0] in ("serving", "medoe") and (ROOT / (name.replace(".", "/") + ".py")).is_file():
                 found.add(name.replace(".", "/") + ".py")
@@ -127,12 +139,19 @@ def test_copied_modules_have_their_third_party_imports_pinned():
     copied = [token for rest in arguments("COPY") for token in rest.split() if token.startswith(("serving/", "medoe/"))]
     for path in copied:
         tree = ast.parse((ROOT / path).read_text())
-        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        names |= {node.module.split(".")[0] for node in ast.walk(tree)
-                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        names = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        names |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        }
         for name in names - set(sys.stdlib_module_names) - {"serving", "medoe", "__future__"}:
             assert name in DISTRIBUTIONS, f"{path} imports {name}: add it to DISTRIBUTIONS and the image's pip install"
-            assert canonicalize_name(DISTRIBUTIONS[name]) in pinned, f"{path} imports {name}, which the image does not install"
+            assert canonicalize_name(DISTRIBUTIONS[name]) in pinned, (
+                f"{path} imports {name}, which the image does not install"
+            )
 
 
 def test_runs_as_non_root_user():
@@ -147,7 +166,9 @@ def test_healthcheck_ports_and_command():
     assert "http://localhost:8000/v2/health/ready" in health
     assert sorted(" ".join(arguments("EXPOSE")).split()) == ["8000", "8001", "8002"]
     (command,) = arguments("CMD")
-    assert "tritonserver" in command and "--model-repository=/models" in command and "--model-control-mode=none" in command
+    assert (
+        "tritonserver" in command and "--model-repository=/models" in command and "--model-control-mode=none" in command
+    )
 
 
 @pytest.mark.parametrize("name", ["preprocess", "postprocess", "segment"])
@@ -156,6 +177,7 @@ def test_hand_written_models_are_present(name):
 
 
 # --- HTTP and metrics through the proxy: deploy/serve.sh, run here with the bundled Triton ------
+
 
 def test_the_image_serves_http_and_metrics_through_serve_sh():
     (command,) = arguments("CMD")
@@ -175,24 +197,41 @@ def test_the_proxy_config_is_the_generated_one():
 def serve_sh(tmp_path):
     """deploy/serve.sh over the bundled tritonserver (what the image runs), on loopback ports."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton ships the tritonserver binary")
-    from serving import server
+    from serving import repository
     from serving.processes import free_ports
     from serving.proxy import caddy_config
 
-    backends = server.assemble_backends(tmp_path / "backends")
+    backends = repository.assemble_backends(tmp_path / "backends")
     (tmp_path / "models").mkdir()
-    server.assemble_repository(ROOT / "model_repository", tmp_path / "models")
+    repository.assemble_repository(ROOT / "model_repository", tmp_path / "models")
     sockets = tmp_path / "sockets"
     http, grpc, metrics = free_ports(3)
-    config = caddy_config(f"127.0.0.1:{http}", f"127.0.0.1:{metrics}", f"{sockets}/http.sock", f"{sockets}/metrics.sock")
+    config = caddy_config(
+        f"127.0.0.1:{http}", f"127.0.0.1:{metrics}", f"{sockets}/http.sock", f"{sockets}/metrics.sock"
+    )
     (tmp_path / "caddy.json").write_text(json.dumps(config))
-    env = dict(server.server_environment(), SERVE_SOCKETS=str(sockets), SERVE_PROXY_CONFIG=str(tmp_path / "caddy.json"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        repository.server_environment(),
+        SERVE_SOCKETS=str(sockets),
+        SERVE_PROXY_CONFIG=str(tmp_path / "caddy.json"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
-        [str(ROOT / "deploy" / "serve.sh"), str(server.tritonserver_binary()), f"--model-repository={tmp_path / 'models'}",
-         f"--backend-directory={backends}", "--model-control-mode=none", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(ROOT / "deploy" / "serve.sh"),
+            str(repository.tritonserver_binary()),
+            f"--model-repository={tmp_path / 'models'}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=none",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={grpc}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not _ready(http):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -220,8 +259,11 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    return any(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-               for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid)
+    return any(
+        Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        for p in os.listdir("/proc")
+        if p.isdigit() and _pgid(int(p)) == pgid
+    )
 
 
 def _pgid(pid: int) -> int | None:
@@ -233,8 +275,11 @@ def _pgid(pid: int) -> int | None:
 
 def test_serve_sh_survives_a_form_bomb_and_drains_on_sigterm(serve_sh):
     process, http, metrics = serve_sh
-    request = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/segment/infer", data=b"\0" * 5_000_000,
-                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http}/v2/models/segment/infer",
+        data=b"\0" * 5_000_000,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(request, timeout=60)
     assert _ready(http) and process.poll() is None
@@ -250,8 +295,13 @@ def test_serve_sh_survives_a_form_bomb_and_drains_on_sigterm(serve_sh):
 
 def test_serve_sh_stops_when_the_proxy_dies(serve_sh):
     process, http, _ = serve_sh
-    caddy = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == process.pid
-                 and Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"caddy"))
+    caddy = next(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit()
+        and _pgid(int(p)) == process.pid
+        and Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"caddy")
+    )
     os.kill(caddy, signal.SIGKILL)
     assert process.wait(60) != 0  # the container exits and is restarted, instead of serving without HTTP
     deadline = time.monotonic() + 20

@@ -37,7 +37,9 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from export.graph import random_images  # noqa: E402
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from serving import repository as serving_repository  # noqa: E402
 from serving import server as serving_server  # noqa: E402
+from serving import supervisor as serving_supervisor  # noqa: E402
 from serving.processes import cmdline, descendants  # noqa: E402
 from tests.test_checkpoint import make  # noqa: E402
 from tests.test_serving_server import free_ports, png, repository, segment_request  # noqa: E402, F401
@@ -49,16 +51,21 @@ MAX_PIXELS = 5000  # 60x80 = 4800 passes, 100x100 = 10000 does not
 
 # --- the server, started through its CLI with default binding ---------------------------------
 
+
 @pytest.fixture(scope="module")
 def limited_repository(repository, tmp_path_factory) -> Path:  # noqa: F811
     repo = tmp_path_factory.mktemp("security") / "model_repository"
     shutil.copytree(repository, repo)
     config = repo / "preprocess" / "config.pbtxt"
-    text, count = re.subn(r'(key: "max_pixels"\s*value: \{ string_value: )"\d+"', rf'\1"{MAX_PIXELS}"', config.read_text())
+    text, count = re.subn(
+        r'(key: "max_pixels"\s*value: \{ string_value: )"\d+"', rf'\1"{MAX_PIXELS}"', config.read_text()
+    )
     assert count == 1, "preprocess/config.pbtxt has no max_pixels parameter"
     config.write_text(text)
     medoe = repo / "medoe" / "config.pbtxt"  # the same limit for raw tensors sent to `medoe`
-    medoe.write_text(medoe.read_text() + f'parameters {{\n  key: "max_pixels"\n  value: {{ string_value: "{MAX_PIXELS}" }}\n}}\n')
+    medoe.write_text(
+        medoe.read_text() + f'parameters {{\n  key: "max_pixels"\n  value: {{ string_value: "{MAX_PIXELS}" }}\n}}\n'
+    )
     return repo
 
 
@@ -68,9 +75,25 @@ def cli_server(limited_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("security-log") / "server.out"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "serving.server", "--model-repository", str(limited_repository), "--http-port", str(http_port),
-             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--timeout", "90"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "serving.server",
+                "--model-repository",
+                str(limited_repository),
+                "--http-port",
+                str(http_port),
+                "--grpc-port",
+                str(grpc_port),
+                "--metrics-port",
+                str(metrics_port),
+                "--timeout",
+                "90",
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 120
     while "ready: models" not in log.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -119,6 +142,7 @@ def assert_medoe_answers(module, client) -> None:
 
 # --- loopback binding by default --------------------------------------------------------------
 
+
 def listening_addresses(port: int) -> set[str]:
     """The local addresses on which some socket of this machine listens on TCP `port`."""
     found = set()
@@ -132,7 +156,7 @@ def listening_addresses(port: int) -> set[str]:
             if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
                 continue
             raw = bytes.fromhex(address)
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # the kernel prints 32-bit words
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # the kernel prints 32-bit words
             text = socket.inet_ntop(family, raw)
             found.add(text.removeprefix("::ffff:") if "." in text else text)  # gRPC listens on v4-mapped IPv6
     return found
@@ -156,7 +180,7 @@ def non_loopback_addresses() -> list[str]:
 
 def test_host_defaults_to_loopback():
     assert serving_server.get_args([]).host == "127.0.0.1"
-    assert inspect.signature(serving_server.start_server).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(serving_supervisor.start_server).parameters["host"].default == "127.0.0.1"
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads the kernel's socket table (Linux)")
@@ -186,6 +210,7 @@ def test_cli_server_listens_on_loopback_only(cli_server):
 
 # --- the model-control API is off -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("action", ["load_model", "unload_model"])
 def test_model_control_is_refused_and_medoe_stays_ready(cli_server, clients, protocol, action):
@@ -199,11 +224,17 @@ def test_model_control_is_refused_and_medoe_stays_ready(cli_server, clients, pro
 
 # --- request size ------------------------------------------------------------------------------
 
+
 def test_this_tritonserver_has_no_request_size_flag():
     # HTTP bodies are capped by the proxy (--max-request-bytes). If a newer wheel brings a flag
     # (Triton's later `--http-max-input-size`), this fails: pass the same cap to tritonserver.
-    result = subprocess.run([str(serving_server.tritonserver_binary()), "--help"], capture_output=True, text=True,
-                            env=serving_server.server_environment(), timeout=60)
+    result = subprocess.run(
+        [str(serving_repository.tritonserver_binary()), "--help"],
+        capture_output=True,
+        text=True,
+        env=serving_repository.server_environment(),
+        timeout=60,
+    )
     help_text = result.stdout + result.stderr  # this build prints its usage to stderr
     flags = set(re.findall(r"^\s+(--[a-z0-9-]+)", help_text, re.MULTILINE))
     assert {"--http-port", "--grpc-port", "--model-control-mode"} <= flags, help_text[:500]
@@ -236,7 +267,9 @@ def test_batch_and_image_count_limits_from_the_configs(cli_server, clients, prot
         client.infer("medoe", [tensor])
     two = module.InferInput("image", [2], "BYTES")  # segment takes one encoded image per request
     two.set_data_from_numpy(np.array([png(images[0]), png(images[1])], dtype=object))
-    with pytest.raises(module.InferenceServerException, match=r"unexpected shape for input 'image'.*Expected \[1\], got \[2\]"):
+    with pytest.raises(
+        module.InferenceServerException, match=r"unexpected shape for input 'image'.*Expected \[1\], got \[2\]"
+    ):
         client.infer("segment", [two])
     assert ready(cli_server)
     assert_medoe_answers(module, client)
@@ -267,8 +300,9 @@ FORM_BOMB = b"\x00" * 5_000_000  # libevhtp parsed such a form body on its stack
 def raw_post(port: int, path: str, body: bytes, content_type: str) -> int | None:
     """POSTs `body` as curl --data-binary does (its default Content-Type is form-encoded); the
     status, or None when the server answered before reading the body and reset the connection."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
-                                     headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, method="POST", headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status
@@ -303,9 +337,18 @@ def tcp_listen_ports(pid: int) -> set[int]:
     return ports
 
 
-@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "APPLICATION/X-WWW-FORM-URLENCODED; charset=utf-8"])
-@pytest.mark.parametrize("where", [("http", "/v2/models/segment/infer"), ("http", "/v2/models/medoe/infer"),
-                                   ("metrics", "/metrics"), ("http", "/v2/health/ready")])
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "APPLICATION/X-WWW-FORM-URLENCODED; charset=utf-8"]
+)
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("http", "/v2/models/segment/infer"),
+        ("http", "/v2/models/medoe/infer"),
+        ("metrics", "/metrics"),
+        ("http", "/v2/health/ready"),
+    ],
+)
 def test_a_form_encoded_body_does_not_kill_the_server(cli_server, clients, where, content_type):
     port_name, path = where
     status = raw_post(cli_server[port_name], path, FORM_BOMB, content_type)
@@ -340,6 +383,7 @@ def test_tritonserver_listens_on_tcp_only_for_grpc(cli_server):
 
 
 # --- checkpoints never unpickle code ----------------------------------------------------------
+
 
 class RunsCode:
     def __init__(self, marker: Path):
@@ -382,7 +426,16 @@ def test_cli_refuses_a_code_running_checkpoint(tmp_path, config_path, command): 
     model, stats = make()
     if command == "training.train --resume":  # the only command that reads train_state.pt
         checkpoint, victim = tmp_path / "work" / "last", "train_state.pt"
-        args = ["-m", "training.train", "--config", config_path, "--work-dir", str(tmp_path / "work"), "--resume", "--no-eval"]
+        args = [
+            "-m",
+            "training.train",
+            "--config",
+            config_path,
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--resume",
+            "--no-eval",
+        ]
     else:
         checkpoint, victim = tmp_path / "ckpt", "model.safetensors"
         args = ["-m", command, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out.file")]

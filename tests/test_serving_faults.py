@@ -29,7 +29,7 @@ from export.graph import random_images  # noqa: E402
 from serving import client  # noqa: E402
 from serving.processes import cmdline as _argv  # noqa: E402
 from serving.processes import descendants  # noqa: E402
-from serving.server import start_server  # noqa: E402
+from serving.supervisor import start_server  # noqa: E402
 from tests.test_demo import _alive  # noqa: E402
 from tests.test_serving_server import free_ports, png, reference, repository, segment_request  # noqa: E402, F401
 

@@ -1,6 +1,6 @@
 """A SIGKILLed `serving.server` or demo takes tritonserver, its stubs and the proxy with it.
 
-They are started with PR_SET_PDEATHSIG (serving/server.py): the kernel kills them when their
+They are started with PR_SET_PDEATHSIG (serving/processes.py): the kernel kills them when their
 parent dies, which no signal handler of the parent can do after a SIGKILL.
 """
 
@@ -50,13 +50,29 @@ def assert_all_end(process: subprocess.Popen, children: list[int], within: float
 
 def test_sigkilled_server_cli_leaves_nothing_running(repository, tmp_path):  # noqa: F811
     http, grpc, metrics = free_ports(3)
-    process, children = start(["-m", "serving.server", "--model-repository", str(repository), "--http-port", str(http),
-                               "--grpc-port", str(grpc), "--metrics-port", str(metrics)], tmp_path / "server.out",
-                              "ready: models")
+    process, children = start(
+        [
+            "-m",
+            "serving.server",
+            "--model-repository",
+            str(repository),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+        ],
+        tmp_path / "server.out",
+        "ready: models",
+    )
     assert_all_end(process, children)
 
 
 def test_sigkilled_demo_leaves_nothing_running(repository, tmp_path):  # noqa: F811
-    process, children = start(["-m", "serving.demo", "--start-triton", str(repository), "--port", str(free_ports(1)[0])],
-                              tmp_path / "demo.out", "demo: http")
+    process, children = start(
+        ["-m", "serving.demo", "--start-triton", str(repository), "--port", str(free_ports(1)[0])],
+        tmp_path / "demo.out",
+        "demo: http",
+    )
     assert_all_end(process, children)

@@ -28,15 +28,26 @@ def parameters(path) -> dict[str, str]:
     return {k: v.string_value for k, v in config.parameters.items()}
 
 
-@pytest.mark.parametrize("shape,dtype,message", [
-    ((1, 0, 10, 3), np.uint8, "images has shape [1, 0, 10, 3]: empty, expected at least one image of at least 1x1 pixels"),
-    ((0, 8, 8, 3), np.uint8, "empty"),
-    ((64, 64, 3), np.uint8, "images has shape [64, 64, 3], expected [N, H, W, 3]"),
-    ((1, 8, 8, 4), np.uint8, "expected [N, H, W, 3]"),
-    ((1, 8, 8, 3), np.float32, "images is float32, expected uint8"),
-    ((1, 101, 100, 3), np.uint8, "images is 100x101, over the limit of 10000 pixels per image (max_pixels)"),
-    ((3, 60, 60, 3), np.uint8, "images is 3 images of 60x60 = 10800 pixels, over the limit of 10000 pixels per batch (max_batch_pixels)"),
-])
+@pytest.mark.parametrize(
+    "shape,dtype,message",
+    [
+        (
+            (1, 0, 10, 3),
+            np.uint8,
+            "images has shape [1, 0, 10, 3]: empty, expected at least one image of at least 1x1 pixels",
+        ),
+        ((0, 8, 8, 3), np.uint8, "empty"),
+        ((64, 64, 3), np.uint8, "images has shape [64, 64, 3], expected [N, H, W, 3]"),
+        ((1, 8, 8, 4), np.uint8, "expected [N, H, W, 3]"),
+        ((1, 8, 8, 3), np.float32, "images is float32, expected uint8"),
+        ((1, 101, 100, 3), np.uint8, "images is 100x101, over the limit of 10000 pixels per image (max_pixels)"),
+        (
+            (3, 60, 60, 3),
+            np.uint8,
+            "images is 3 images of 60x60 = 10800 pixels, over the limit of 10000 pixels per batch (max_batch_pixels)",
+        ),
+    ],
+)
 def test_check_images_refuses(shape, dtype, message):
     problem = check_images("images", np.zeros(shape, dtype), max_pixels=10_000, max_batch_pixels=10_000)
     assert problem is not None and message in problem and "\n" not in problem
@@ -82,8 +93,11 @@ def test_shipped_configs_agree_on_the_limits():
 
 def test_generator_writes_the_limits_for_onnxruntime_only(tmp_path):
     model: onnx.ModelProto = graph_like_the_export()
-    onnx_config = parameters(write_triton_config(model, tmp_path / "a", "onnxruntime_onnx", max_pixels=100, max_batch_pixels=200,
-                                                 arena_max_pixels=50))
+    onnx_config = parameters(
+        write_triton_config(
+            model, tmp_path / "a", "onnxruntime_onnx", max_pixels=100, max_batch_pixels=200, arena_max_pixels=50
+        )
+    )
     assert [onnx_config[k] for k in ("max_pixels", "max_batch_pixels", "arena_max_pixels")] == ["100", "200", "50"]
     assert "max_pixels" not in parameters(write_triton_config(model, tmp_path / "b", "tensorrt_plan"))
     with pytest.raises(ValueError, match="at most max_batch_pixels"):

@@ -19,14 +19,20 @@ from tests.test_serving_server import repository, server  # noqa: E402, F401
 
 CASES = {
     # Refused by onnx_model.py (serving/model_limits.py).
-    "empty height": ((1, 0, 10, 3), "images has shape [1, 0, 10, 3]: empty, expected at least one image of at least 1x1 pixels"),
+    "empty height": (
+        (1, 0, 10, 3),
+        "images has shape [1, 0, 10, 3]: empty, expected at least one image of at least 1x1 pixels",
+    ),
     "empty width": ((2, 10, 0, 3), "images has shape [2, 10, 0, 3]: empty"),
     # Refused by Triton before the model runs: a [H, W, 3] image without the batch dimension is
     # read as a batch of H images of shape [W, 3]. Over 8 rows, the batch size is what it names...
     "no batch dimension, 64 rows": ((64, 64, 3), "inference request batch-size must be <= 8 for 'medoe'"),
     # ... and at most 8 rows, the shape, with its own hint about max_batch_size.
-    "no batch dimension, 8 rows": ((8, 8, 3), "unexpected shape for input 'images' for model 'medoe'. "
-                                   "Expected [-1,-1,-1,3], got [8,8,3]. NOTE: Setting a non-zero max_batch_size"),
+    "no batch dimension, 8 rows": (
+        (8, 8, 3),
+        "unexpected shape for input 'images' for model 'medoe'. "
+        "Expected [-1,-1,-1,3], got [8,8,3]. NOTE: Setting a non-zero max_batch_size",
+    ),
     # A batch of 0 images: Triton computes the expected size from the dims it was given.
     "zero images": ((0, 8, 8, 3), "input byte size mismatch for input 'images' for model 'medoe'. Expected 192, got 0"),
 }

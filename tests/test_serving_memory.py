@@ -23,7 +23,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS, read_limits  # noqa: E402
 from serving.ort_memory import ARENA_MAX_PIXELS  # noqa: E402
 from serving.processes import free_ports  # noqa: E402
-from serving.server import _config_text, start_server  # noqa: E402
+from serving.repository import read_model_config  # noqa: E402
+from serving.supervisor import start_server  # noqa: E402
 from tests.test_serving_bad_input import assert_invalid_argument, assert_still_serving, protocol  # noqa: E402, F401
 from tests.test_serving_server import repository, segment_request, server  # noqa: E402, F401
 
@@ -36,7 +37,7 @@ SETTLE_S = 10.0  # onnx_model.py trims the heap again 1 s after the response: po
 
 
 def limits(repository: Path) -> tuple[int, int]:  # noqa: F811
-    config = _config_text(repository / "medoe" / "config.pbtxt")
+    config = read_model_config(repository / "medoe" / "config.pbtxt")
     return read_limits({k: {"string_value": v.string_value} for k, v in config.parameters.items()})
 
 
@@ -60,7 +61,9 @@ def private_mib(server) -> dict[str, float]:  # noqa: F811
     """RssAnon of each python-backend stub (its heap; not the shared-memory pool, RssShmem)."""
     memory = {}
     for pid, (instance, _) in server.stubs.items():
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
         memory[instance] = int(status["RssAnon"].split()[0]) / 1024
     return memory
 
@@ -78,7 +81,9 @@ def test_image_over_max_pixels_is_refused(protocol, server, repository):  # noqa
     assert_invalid_argument(module, error.value, f"PNG image is {side}x{side}, over the limit of {max_pixels} pixels")
     with pytest.raises(module.InferenceServerException) as error:
         client.infer("medoe", raw_request(module, np.zeros((1, side, side, 3), np.uint8)))
-    assert_invalid_argument(module, error.value, f"images is {side}x{side}, over the limit of {max_pixels} pixels per image (max_pixels)")
+    assert_invalid_argument(
+        module, error.value, f"images is {side}x{side}, over the limit of {max_pixels} pixels per image (max_pixels)"
+    )
     assert_still_serving(server, repository, module, client)
 
 
@@ -88,8 +93,12 @@ def test_batch_over_max_batch_pixels_is_refused(protocol, server, repository):  
     batch = max_batch_pixels // (2048 * 2048) + 1  # 4 with the defaults: the batch that used to pass
     with pytest.raises(module.InferenceServerException) as error:
         client.infer("medoe", raw_request(module, np.zeros((batch, 2048, 2048, 3), np.uint8)))
-    assert_invalid_argument(module, error.value, f"images is {batch} images of 2048x2048 = {batch * 2048 * 2048} pixels, "
-                                                 f"over the limit of {max_batch_pixels} pixels per batch (max_batch_pixels)")
+    assert_invalid_argument(
+        module,
+        error.value,
+        f"images is {batch} images of 2048x2048 = {batch * 2048 * 2048} pixels, "
+        f"over the limit of {max_batch_pixels} pixels per batch (max_batch_pixels)",
+    )
     assert_still_serving(server, repository, module, client)
 
 
@@ -108,7 +117,9 @@ def test_private_memory_comes_back_after_a_large_request(fresh_server):
         kept, before = kept_after_large_request(fresh_server, http)
     finally:
         http.close()
-    assert max(kept.values()) <= MARGIN_MIB, f"private MiB kept per stub after a {LARGE} request: {kept} (before {before})"
+    assert max(kept.values()) <= MARGIN_MIB, (
+        f"private MiB kept per stub after a {LARGE} request: {kept} (before {before})"
+    )
 
 
 def kept_after_large_request(server, http) -> tuple[dict[str, float], dict[str, float]]:  # noqa: F811

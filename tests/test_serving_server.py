@@ -21,7 +21,8 @@ from export import to_onnx  # noqa: E402
 from export.graph import random_images  # noqa: E402
 from serving.ort_memory import cpu_session  # noqa: E402
 from serving.processes import free_ports  # noqa: E402, F401 (shared with other tests)
-from serving.server import ServerError, start_server  # noqa: E402
+from serving.repository import ServerError  # noqa: E402
+from serving.supervisor import start_server  # noqa: E402
 from tests.test_export import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """`medoe` outputs + decoded image -> `labels` [H, W], `overlay` [H, W, 3], `class_share` [C],
 `confidence` [H, W] and `expert_weights` [K, h, w]."""
 
-# First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
+# First: this import puts the venv on sys.path (the bootstrap serving/repository.py adds to it;
+# the stub ignores PYTHONPATH).
 import triton_python_backend_utils as pb_utils  # isort: skip
 
 import json

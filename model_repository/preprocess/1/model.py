@@ -1,7 +1,8 @@
 """`image` BYTES [1] -> `images` uint8 [1, h, w, 3] for the model (resized to the optional
 working size) and `original` uint8 [1, H, W, 3] for postprocess; a bad image is INVALID_ARG."""
 
-# First: under serving/server.py this import puts the venv on sys.path (the stub ignores PYTHONPATH).
+# First: this import puts the venv on sys.path (the bootstrap serving/repository.py adds to it;
+# the stub ignores PYTHONPATH).
 import triton_python_backend_utils as pb_utils  # isort: skip
 
 import json
