@@ -3,10 +3,13 @@
     python -m serving.demo --triton-url 127.0.0.1:8000                  # a Triton that is already up
     python -m serving.demo --start-triton model_repository              # also starts the embedded Triton
 
-The page talks to Triton only through `serving.client` (the `segment` ensemble: the image's
-encoded bytes go to the server, which decodes, segments and post-processes). Class names,
-colours and head/body/tail groups come from the model's metadata. The bundled examples are
-synthetic test-split scenes: `python -m medoe.data.synthetic --out DIR --num 6 --split test`.
+The page talks to Triton only through `serving.client`. Each upload is decoded once, here, by
+the server's own rules (serving/decode.py); its pixels go to the `medoe` model, which returns
+labels, confidence and expert weights only, and the page draws overlay and class shares itself.
+An upload it cannot decode goes as it is to the `segment` ensemble, so that a refusal is the
+server's own message. Class names, colours, head/body/tail groups and what each expert owns
+come from the model's metadata. The bundled examples are synthetic test-split scenes:
+`python -m medoe.data.synthetic --out DIR --num 6 --split test`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from medoe.cli import CliParser
+from medoe.contract import CLASS_SHARE, CONFIDENCE, ENSEMBLE, EXPERT_WEIGHTS, LABELS, MODEL
 from serving import demo_views as views
 from serving.client import ClientError, get_metadata, segment_images
 from serving.decode import decode_image
@@ -58,28 +63,67 @@ def _cleared(status: str) -> tuple:
 
 
 def segment(path: str | None, alpha: float, shown: list[str] | None):
-    """Sends the uploaded file's bytes to Triton; returns every view of the answer."""
+    """Decodes the upload once, segments its pixels on Triton's `medoe`; returns every view of the answer."""
     if not path:
         return _cleared("Upload an image or pick an example.")
-    data = Path(path).read_bytes()
+    name, data = Path(path).name, Path(path).read_bytes()
+    start = time.perf_counter()
     try:
-        results, meta = segment_images([(Path(path).name, data)], settings["url"], settings["protocol"],
-                                       retries=1, backoff=0.2, timeout=30)
+        image = decode_image(data)  # the pixels the overlay is drawn on, and what the model gets
+    except ValueError as err:
+        return _cleared(_refusal(name, data, err))
+    try:  # the overlay is redrawn here at every opacity, so the model's outputs are all it needs
+        results, meta = segment_images(
+            [(name, image)],
+            settings["url"],
+            settings["protocol"],
+            model=MODEL,
+            outputs=(LABELS, CLASS_SHARE, CONFIDENCE, EXPERT_WEIGHTS),
+            retries=1,
+            backoff=0.2,
+            timeout=30,
+        )
     except ClientError as err:
         return _cleared(_message(err))
+    seconds = time.perf_counter() - start
     result = results[0]
-    image = decode_image(data)  # the server accepted it, so this decodes the same pixels
     state = {"image": image, "labels": result.labels, "meta": meta}
     shown = shown or list(meta.class_names)  # the class list is empty until metadata arrived once
     height, width = result.labels.shape
-    status = (f"Segmented **{Path(path).name}** ({width}x{height}) in **{result.seconds * 1000:.0f} ms** "
-              f"(Triton `segment` over {settings['protocol'].upper()} at `{settings['url']}`; "
-              f"mean confidence {float(result.confidence.mean()):.0%}).")
-    return (state, *render(state, alpha, shown), share_plot(result.class_share, meta),
-            views.confidence_image(result.confidence),
-            views.expert_image(result.expert_weights, (height, width)),
-            views.expert_summary_html(result.expert_weights, meta), status,
-            gr.CheckboxGroup(choices=list(meta.class_names), value=shown))
+    status = (
+        f"Segmented **{name}** ({width}x{height}) in **{seconds * 1000:.0f} ms** "
+        f"(decoded here, Triton `{MODEL}` over {settings['protocol'].upper()} at `{settings['url']}`; "
+        f"mean confidence {float(result.confidence.mean()):.0%})."
+    )
+    return (
+        state,
+        *render(state, alpha, shown),
+        share_plot(result.class_share, meta),
+        views.confidence_image(result.confidence),
+        views.expert_image(result.expert_weights, (height, width)),
+        views.expert_summary_html(result.expert_weights, meta),
+        status,
+        gr.CheckboxGroup(choices=list(meta.class_names), value=shown),
+    )
+
+
+def _refusal(name: str, data: bytes, err: ValueError) -> str:
+    """An upload this page cannot decode goes to the `segment` ensemble as it is: the server
+    judges it, and its refusal (HTTP 400 / INVALID_ARGUMENT) is what every client would see."""
+    try:
+        segment_images(
+            [(name, data)],
+            settings["url"],
+            settings["protocol"],
+            model=ENSEMBLE,
+            outputs=(CLASS_SHARE,),
+            retries=1,
+            backoff=0.2,
+            timeout=30,
+        )
+    except ClientError as refused:
+        return _message(refused)
+    return f"**Not shown:** the server accepts **{name}**, but this page cannot decode it: {err}"
 
 
 def render(state: dict | None, alpha: float, shown: list[str] | None):
@@ -87,8 +131,9 @@ def render(state: dict | None, alpha: float, shown: list[str] | None):
     if not state:
         return None, None
     meta = state["meta"]
-    annotated = gr.AnnotatedImage((state["image"], views.annotations(state["labels"], meta, shown)),
-                                  color_map=views.class_colour_map(meta))
+    annotated = gr.AnnotatedImage(
+        (state["image"], views.annotations(state["labels"], meta, shown)), color_map=views.class_colour_map(meta)
+    )
     return views.shown_overlay(state["image"], state["labels"], meta, alpha, shown), annotated
 
 
@@ -107,41 +152,63 @@ def load_metadata():
     except ClientError as err:
         return "", gr.CheckboxGroup(choices=[], value=[]), _message(err)
     names = list(meta.class_names)
-    return (views.legend_html(meta), gr.CheckboxGroup(choices=names, value=names),
-            f"Connected to Triton at `{settings['url']}` ({settings['protocol'].upper()}): "
-            f"{len(names)} classes, groups {', '.join(meta.groups) or 'none'}. Upload an image or pick an example.")
+    return (
+        views.legend_html(meta),
+        gr.CheckboxGroup(choices=names, value=names),
+        f"Connected to Triton at `{settings['url']}` ({settings['protocol'].upper()}): "
+        f"{len(names)} classes, {views.experts_line(meta)}. Upload an image or pick an example.",
+    )
 
 
 with gr.Blocks(title="MEDOE segmentation on Triton") as demo:
-    gr.Markdown("# MEDOE: long-tailed segmentation served by Triton\nUpload a street scene (JPEG, PNG, BMP "
-                f"or WebP, at most {MAX_UPLOAD.upper()}) or pick an example; the model answers from Triton.")
+    gr.Markdown(
+        "# MEDOE: long-tailed segmentation served by Triton\nUpload a street scene (JPEG, PNG, BMP "
+        f"or WebP, at most {MAX_UPLOAD.upper()}) or pick an example; the model answers from Triton."
+    )
     status = gr.Markdown(elem_id="status")
     state = gr.State()
     with gr.Row():
         with gr.Column():
-            # image_mode=None: the file goes to Triton as uploaded (Gradio would re-encode other modes as RGB).
-            image_in = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
-                                elem_id="input-image")
+            # image_mode=None: the file arrives as uploaded (Gradio would re-encode other modes as RGB), to be
+            # decoded by the server's rules.
+            image_in = gr.Image(
+                type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", elem_id="input-image"
+            )
             gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image_in], label="Synthetic street scenes (test split)")
             alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
         overlay_out = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
     with gr.Row():
-        annotated_out = gr.AnnotatedImage(label="Segments (hover a class in the legend)", format="png",
-                                          elem_id="annotated")
+        annotated_out = gr.AnnotatedImage(
+            label="Segments (hover a class in the legend)", format="png", elem_id="annotated"
+        )
         with gr.Column():
             classes = gr.CheckboxGroup(label="Classes shown", elem_id="classes")
             legend = gr.HTML(elem_id="legend")
     with gr.Row():
         share_out = gr.BarPlot(label="Pixel share per class (%)", x="class", y="share %", elem_id="share")
-        confidence_out = gr.Image(label="Confidence (max class probability; dark = unsure)", format="png",
-                                  interactive=False, elem_id="confidence")
+        confidence_out = gr.Image(
+            label="Confidence (max class probability; dark = unsure)",
+            format="png",
+            interactive=False,
+            elem_id="confidence",
+        )
         with gr.Column():
-            experts_out = gr.Image(label="Which expert decides where (MOE weights)", format="png",
-                                   interactive=False, elem_id="experts")
+            experts_out = gr.Image(
+                label="Which expert decides where (MOE weights)", format="png", interactive=False, elem_id="experts"
+            )
             experts_legend = gr.HTML(elem_id="experts-legend")
 
-    outputs = [state, overlay_out, annotated_out, share_out, confidence_out, experts_out, experts_legend, status,
-               classes]
+    outputs = [
+        state,
+        overlay_out,
+        annotated_out,
+        share_out,
+        confidence_out,
+        experts_out,
+        experts_legend,
+        status,
+        classes,
+    ]
     image_in.change(segment, [image_in, alpha, classes], outputs, api_name="segment")
     alpha.release(render, [state, alpha, classes], [overlay_out, annotated_out], api_name=False)
     classes.input(render, [state, alpha, classes], [overlay_out, annotated_out], api_name=False)
@@ -157,12 +224,20 @@ def upload_size(text: str) -> str:
 
 def get_args(argv=None) -> argparse.Namespace:
     parser = CliParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--triton-url", default=settings["url"],
-                        help="HOST:PORT of Triton's HTTP (or, with --protocol grpc, gRPC) endpoint")
+    parser.add_argument(
+        "--triton-url",
+        default=settings["url"],
+        help="HOST:PORT of Triton's HTTP (or, with --protocol grpc, gRPC) endpoint",
+    )
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="how to talk to Triton")
-    parser.add_argument("--start-triton", metavar="REPOSITORY",
-                        help="start the embedded Triton on this model repository (free local ports) and stop it on exit")
-    parser.add_argument("--host", default="127.0.0.1", help="address the page binds (0.0.0.0 exposes it to the network)")
+    parser.add_argument(
+        "--start-triton",
+        metavar="REPOSITORY",
+        help="start the embedded Triton on this model repository (free local ports) and stop it on exit",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address the page binds (0.0.0.0 exposes it to the network)"
+    )
     parser.add_argument("--port", type=int, default=7860, help="port of the page")
     parser.add_argument("--max-upload", type=upload_size, default=MAX_UPLOAD, help="largest accepted upload, e.g. 10mb")
     return parser.parse_args(argv)
@@ -171,7 +246,8 @@ def get_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = get_args(argv)
     from serving.processes import free_ports
-    from serving.server import ServerError, start_server
+    from serving.repository import ServerError
+    from serving.supervisor import start_server
 
     server = None
     stop = threading.Event()
@@ -185,12 +261,22 @@ def main(argv=None) -> int:
         settings.update(url=args.triton_url, protocol=args.protocol)
         try:
             demo.queue(default_concurrency_limit=4).launch(
-                server_name=args.host, server_port=args.port, share=False, max_file_size=args.max_upload,
-                prevent_thread_lock=True, quiet=True, css=CSS, allowed_paths=[str(EXAMPLES_DIR)])
+                server_name=args.host,
+                server_port=args.port,
+                share=False,
+                max_file_size=args.max_upload,
+                prevent_thread_lock=True,
+                quiet=True,
+                css=CSS,
+                allowed_paths=[str(EXAMPLES_DIR)],
+            )
         except OSError as err:
             raise ServerError(f"cannot serve the page on {args.host}:{args.port}: {err} (pass --port)") from None
-        print(f"demo: http://{args.host}:{args.port}  (Triton {args.protocol.upper()} at {args.triton_url}); "
-              "Ctrl-C stops " + ("both" if server else "the page"), flush=True)
+        print(
+            f"demo: http://{args.host}:{args.port}  (Triton {args.protocol.upper()} at {args.triton_url}); "
+            "Ctrl-C stops " + ("both" if server else "the page"),
+            flush=True,
+        )
         while not stop.wait(0.5):
             if server and server.process.poll() is not None:
                 print(f"error: Triton exited with {server.process.returncode}: {server.log_tail(1)}", file=sys.stderr)

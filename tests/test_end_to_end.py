@@ -27,9 +27,9 @@ def write_folder_dataset(root, rng):
             h, w = int(rng.integers(60, 90)), int(rng.integers(70, 120))
             label = np.zeros((h, w), np.uint8)
             y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
-            label[y:y + h // 3, x:x + w // 3] = 1
-            label[:, w - 5:w - 2] = 2
-            label[h - 6:h - 2, 2:6] = 3
+            label[y : y + h // 3, x : x + w // 3] = 1
+            label[:, w - 5 : w - 2] = 2
+            label[h - 6 : h - 2, 2:6] = 3
             label[0, :5] = 255
             image = np.array([40, 200, 120, 250, 0], np.uint8)[np.minimum(label, 4)][..., None].repeat(3, 2)
             suffix = ".jpg" if i % 2 else ".png"
@@ -39,8 +39,17 @@ def write_folder_dataset(root, rng):
 
 def small_config(tmp_path, dataset):
     values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
-    values.update(dataset=dataset, synthetic_size=[64, 96], crop_size=[48, 48], synthetic_train_images=8,
-                  synthetic_val_images=3, batch_size=2, num_workers=0, decoder_channels=8, decision_hidden=8)
+    values.update(
+        dataset=dataset,
+        synthetic_size=[64, 96],
+        crop_size=[48, 48],
+        synthetic_train_images=8,
+        synthetic_val_images=3,
+        batch_size=2,
+        num_workers=0,
+        decoder_channels=8,
+        decision_hidden=8,
+    )
     path = tmp_path / f"{dataset}.json"
     path.write_text(json.dumps(values))
     return str(path)
@@ -51,12 +60,52 @@ def test_a_folder_dataset_trains_and_evaluates_from_the_documented_commands(tmp_
     write_folder_dataset(root, np.random.default_rng(0))
     work = tmp_path / "run"
     config = small_config(tmp_path, "synthetic")
-    assert train.main(["--config", config, "--dataset", "folder", "--data-root", str(root), "--work-dir", str(work),
-                       "--iters", "3", "--stage2-iters", "2", "--no-eval"]) == 0
-    assert json.loads((work / "final" / "config.json").read_text())["class_names"] == ["background", "box", "pole", "sign"]
+    assert (
+        train.main(
+            [
+                "--config",
+                config,
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(root),
+                "--work-dir",
+                str(work),
+                "--iters",
+                "3",
+                "--stage2-iters",
+                "2",
+                "--no-eval",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((work / "final" / "config.json").read_text())["class_names"] == [
+        "background",
+        "box",
+        "pole",
+        "sign",
+    ]
     out, preds = tmp_path / "metrics.json", tmp_path / "preds"
-    assert evaluate.main(["--checkpoint", str(work / "final"), "--dataset", "folder", "--data-root", str(root),
-                          "--split", "val", "--out", str(out), "--save-preds", str(preds)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(work / "final"),
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(root),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--save-preds",
+                str(preds),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert [c["name"] for c in metrics["per_class"]] == ["background", "box", "pole", "sign"]
     dataset = FolderDataset(root, "val")
@@ -75,11 +124,39 @@ TIE_MARGIN = 1e-5
 
 def test_exported_labels_equal_the_saved_predictions(tmp_path):
     work = tmp_path / "run"
-    assert train.main(["--config", small_config(tmp_path, "synthetic"), "--work-dir", str(work),
-                       "--iters", "3", "--stage2-iters", "2", "--no-eval"]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                small_config(tmp_path, "synthetic"),
+                "--work-dir",
+                str(work),
+                "--iters",
+                "3",
+                "--stage2-iters",
+                "2",
+                "--no-eval",
+            ]
+        )
+        == 0
+    )
     preds = tmp_path / "preds"
-    assert evaluate.main(["--checkpoint", str(work / "final"), "--split", "val", "--out", str(tmp_path / "m.json"),
-                          "--save-preds", str(preds), "--no-plot"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(work / "final"),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "m.json"),
+                "--save-preds",
+                str(preds),
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     onnx_path = tmp_path / "repo" / "medoe" / "1" / "model.onnx"
     # to_onnx's own parity check counts every label, near-ties too, which a 3-iteration model
     # (nearly uniform) is full of: this test compares the determined pixels exactly below instead.
@@ -97,7 +174,9 @@ def test_exported_labels_equal_the_saved_predictions(tmp_path):
         top = probs.topk(2, dim=0).values.numpy()
         determined = (top[0] - top[1]) > TIE_MARGIN * top[0]
         name = dataset.sample_name(i)
-        np.testing.assert_array_equal(probs.argmax(0).numpy()[determined], saved[determined], err_msg=f"{name}: PyTorch")
+        np.testing.assert_array_equal(
+            probs.argmax(0).numpy()[determined], saved[determined], err_msg=f"{name}: PyTorch"
+        )
         np.testing.assert_array_equal(labels[determined], saved[determined], err_msg=f"{name}: exported vs saved")
         ties += int((~determined).sum())
         total += saved.size

@@ -28,14 +28,23 @@ def huge_png_header() -> bytes:
     # 30000x30000 RGB announced in a few bytes: refused from the header, never allocated.
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
     return b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
 
 
 def tiff_bomb() -> bytes:
     # 30000x30000 grey TIFF in ~9 kB; OpenCV would decode for 25 s and 5 GB before refusing it.
-    ifd = [(256, 3, 30000), (257, 3, 30000), (258, 3, 8), (259, 3, 8), (262, 3, 1),
-           (273, 4, 8 + 2 + 12 * 8 + 4), (278, 3, 30000), (279, 4, 9000)]
+    ifd = [
+        (256, 3, 30000),
+        (257, 3, 30000),
+        (258, 3, 8),
+        (259, 3, 8),
+        (262, 3, 1),
+        (273, 4, 8 + 2 + 12 * 8 + 4),
+        (278, 3, 30000),
+        (279, 4, 9000),
+    ]
     entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in ifd)
     pixels = zlib.compress(bytes(9_000_000))[:9000]
     return b"II*\x00" + struct.pack("<IH", 8, len(ifd)) + entries + bytes(4) + pixels
@@ -72,7 +81,12 @@ LAYOUT_CASES = {
 
 MEDOE_CASES = {
     "wrong name": ("image", np.zeros((1, 8, 8, 3), np.uint8), "UINT8", "unexpected inference input 'image'"),
-    "float32": ("images", np.zeros((1, 8, 8, 3), np.float32), "FP32", "data-type is 'FP32', but model 'medoe' expects 'UINT8'"),
+    "float32": (
+        "images",
+        np.zeros((1, 8, 8, 3), np.float32),
+        "FP32",
+        "data-type is 'FP32', but model 'medoe' expects 'UINT8'",
+    ),
     "4 channels": ("images", np.zeros((1, 8, 8, 4), np.uint8), "UINT8", "unexpected shape for input 'images'"),
     "rank 3": ("images", np.zeros((8, 8, 3), np.uint8), "UINT8", "unexpected shape for input 'images'"),
 }

@@ -54,9 +54,28 @@ class Supervisor:
         self.out, self.err, self.log = tmp_path / "server.out", tmp_path / "server.err", tmp_path / "tritonserver.log"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "serving.server", "--model-repository", str(repo), "--http-port", str(self.http_port),
-                 "--grpc-port", str(self.grpc_port), "--metrics-port", str(metrics_port), "--log-file", str(self.log),
-                 "--timeout", "90", *extra], cwd=ROOT, stdout=out, stderr=err)
+                [
+                    sys.executable,
+                    "-m",
+                    "serving.server",
+                    "--model-repository",
+                    str(repo),
+                    "--http-port",
+                    str(self.http_port),
+                    "--grpc-port",
+                    str(self.grpc_port),
+                    "--metrics-port",
+                    str(metrics_port),
+                    "--log-file",
+                    str(self.log),
+                    "--timeout",
+                    "90",
+                    *extra,
+                ],
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+            )
         _wait(lambda: "ready: models" in self.out.read_text() or self.process.poll() is not None, 120, "the server")
         assert self.process.poll() is None, self.err.read_text()
 
@@ -64,18 +83,29 @@ class Supervisor:
         return self.err.read_text(errors="replace")
 
     def tritonserver(self) -> int | None:
-        return next((p for p in descendants(self.process.pid) if _alive(p) and _argv(p)[0].endswith("/tritonserver")), None)
+        return next(
+            (p for p in descendants(self.process.pid) if _alive(p) and _argv(p)[0].endswith("/tritonserver")), None
+        )
 
     def stub(self, model: str) -> int | None:
-        return next((p for p in descendants(self.process.pid)
-                     if _alive(p) and f"models/{model}/1/model.py" in " ".join(_argv(p)[1:2])), None)
+        return next(
+            (
+                p
+                for p in descendants(self.process.pid)
+                if _alive(p) and f"models/{model}/1/model.py" in " ".join(_argv(p)[1:2])
+            ),
+            None,
+        )
 
     def proxy(self) -> int | None:
         return next((p for p in descendants(self.process.pid) if _alive(p) and _argv(p)[0].endswith("/caddy")), None)
 
     def shm_regions(self) -> list[Path]:
-        return [Path("/dev/shm", _argv(p)[2]) for p in descendants(self.process.pid)
-                if _argv(p)[0].endswith("triton_python_backend_stub")]
+        return [
+            Path("/dev/shm", _argv(p)[2])
+            for p in descendants(self.process.pid)
+            if _argv(p)[0].endswith("triton_python_backend_stub")
+        ]
 
     def ready(self) -> bool:
         try:
@@ -163,7 +193,11 @@ def test_dead_stub_answers_500_until_restart_and_client_retries_through(reposito
         for thread in threads:
             thread.start()
         unhealthy = "Stub process 'medoe_0_0' is not healthy."
-        _wait(lambda: {"500", "StatusCode.INTERNAL"} <= {s for s, m in retried if unhealthy in m}, 60, "500 and INTERNAL answers")
+        _wait(
+            lambda: {"500", "StatusCode.INTERNAL"} <= {s for s, m in retried if unhealthy in m},
+            60,
+            "500 and INTERNAL answers",
+        )
         handle.restart(90)
         for thread in threads:
             thread.join(120)
@@ -203,7 +237,11 @@ def test_killed_stub_under_load_is_restarted_and_retries_finish_every_request(su
         stub, regions = server.stub("medoe"), server.shm_regions()
         killed_at = time.monotonic()
         os.kill(stub, signal.SIGKILL)
-        _wait(lambda: "restart: python-backend stub of medoe_0_0 died" in server.stderr(), 30, "the supervisor's restart line")
+        _wait(
+            lambda: "restart: python-backend stub of medoe_0_0 died" in server.stderr(),
+            30,
+            "the supervisor's restart line",
+        )
         new_stub = _wait(lambda: server.ready() and server.stub("medoe"), 60, "a new medoe stub")
         restarted_at = time.monotonic()
         _wait(lambda: sum(start > restarted_at for start, _, _ in calls) >= 8 or errors, 60, "load after the restart")
@@ -225,7 +263,11 @@ def test_killed_stub_under_load_is_restarted_and_retries_finish_every_request(su
 def test_killed_tritonserver_restarts_on_the_same_ports_and_sigterm_stops_everything(supervise, images):
     paths, expected = images
     server = supervise("--restart")
-    first, stubs, regions = server.tritonserver(), [server.stub(m) for m in ("medoe", "preprocess", "postprocess")], server.shm_regions()
+    first, stubs, regions = (
+        server.tritonserver(),
+        [server.stub(m) for m in ("medoe", "preprocess", "postprocess")],
+        server.shm_regions(),
+    )
     assert first and all(stubs) and len(regions) == 3
     os.kill(first, signal.SIGKILL)
     _wait(lambda: "restart: tritonserver was killed by SIGKILL" in server.stderr(), 30, "the supervisor's restart line")
@@ -263,8 +305,10 @@ def test_crash_loop_gives_up_after_max_restarts_with_one_line_error(supervise):
     lines = server.stderr().strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("restart: tritonserver was killed by SIGKILL")
     # Killed once it answered ready, or still inside the restart: a failure towards the cap either way.
-    assert lines[1] in ("error: tritonserver was killed by SIGKILL (1 restarts within 60 s)",
-                        "error: restart failed: tritonserver was killed by SIGKILL (1 restarts within 60 s)")
+    assert lines[1] in (
+        "error: tritonserver was killed by SIGKILL (1 restarts within 60 s)",
+        "error: restart failed: tritonserver was killed by SIGKILL (1 restarts within 60 s)",
+    )
     assert not [pid for pid in left if _alive(pid)]
 
 

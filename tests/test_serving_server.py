@@ -35,8 +35,18 @@ def repository(tmp_path_factory) -> Path:
     repo = root / "model_repository"
     shutil.copytree(ROOT / "model_repository", repo)
     checkpoint = make_checkpoint(root / "checkpoint")
-    code = to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(repo / "medoe" / "1" / "model.onnx"),
-                         "--verify-sizes", "48x64", "--verify-batches", "1"])
+    code = to_onnx.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(repo / "medoe" / "1" / "model.onnx"),
+            "--verify-sizes",
+            "48x64",
+            "--verify-batches",
+            "1",
+        ]
+    )
     assert code == 0
     return repo
 
@@ -134,8 +144,13 @@ def test_missing_model_is_one_line_error(tmp_path):
     (repo / "medoe" / "1" / "model.onnx").unlink(missing_ok=True)
     with pytest.raises(ServerError, match="needs model .medoe., which has no config.pbtxt"):
         start_server(repo, *free_ports(3))
-    process = subprocess.run([sys.executable, "-m", "serving.server", "--model-repository", str(repo)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    process = subprocess.run(
+        [sys.executable, "-m", "serving.server", "--model-repository", str(repo)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert process.returncode == 2
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "model.onnx" in lines[0]
@@ -176,8 +191,12 @@ def test_working_size_batches_sizes_and_answers_at_the_original_size(repository,
     config = repo / "preprocess" / "config.pbtxt"
     text = config.read_text()
     assert 'key: "working_size"\n  value: { string_value: "" }' in text
-    config.write_text(text.replace('key: "working_size"\n  value: { string_value: "" }',
-                                   'key: "working_size"\n  value: { string_value: "48x64" }'))
+    config.write_text(
+        text.replace(
+            'key: "working_size"\n  value: { string_value: "" }',
+            'key: "working_size"\n  value: { string_value: "48x64" }',
+        )
+    )
     handle = start_server(repo, *free_ports(3), timeout=60)
     client = httpclient.InferenceServerClient(handle.http_url)
     try:
@@ -188,8 +207,9 @@ def test_working_size_batches_sizes_and_answers_at_the_original_size(repository,
             expected = reference(repo, resize_to_working_size(image, (48, 64))[np.newaxis])
             assert labels.shape == (height, width) and result.as_numpy("overlay").shape == (height, width, 3)
             np.testing.assert_array_equal(labels, resize_labels_nearest(expected["labels"][0], (height, width)))
-            np.testing.assert_allclose(result.as_numpy("confidence"),
-                                       resize_map(expected["confidence"][0], (height, width)), atol=1e-6)
+            np.testing.assert_allclose(
+                result.as_numpy("confidence"), resize_map(expected["confidence"][0], (height, width)), atol=1e-6
+            )
     finally:
         client.close()
         handle.stop()
