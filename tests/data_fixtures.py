@@ -1,4 +1,5 @@
-"""Builders for tiny dataset trees in the real on-disk layouts (used by tests/test_datasets.py)."""
+"""Builders shared by the tests: tiny dataset trees in the real on-disk layouts, a seconds-long
+training config, and weights that make a random model predict more than one class."""
 
 from __future__ import annotations
 
@@ -86,3 +87,42 @@ def write_garbage(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not an image \x00\x01\x02" * 8)
     return path
+
+
+# The shipped CPU config shrunk to seconds: 64x128 images, 64x64 crops, an 8-wide decoder.
+TINY_CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deeplabv3plus_tiny_synthetic_cpu.json"
+SMALL_RUN = dict(
+    synthetic_size=[64, 128],
+    crop_size=[64, 64],
+    synthetic_train_images=16,
+    synthetic_val_images=4,
+    batch_size=2,
+    num_workers=0,
+    decoder_channels=8,
+    decision_hidden=8,
+)
+
+
+def write_small_config(path: Path, **changes) -> Path:
+    """TINY_CPU_CONFIG with SMALL_RUN and `changes` on top, written to `path` (a config file)."""
+    import json
+
+    values = {**json.loads(TINY_CPU_CONFIG.read_text()), **SMALL_RUN, **changes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values))
+    return path
+
+
+def he_init(model) -> None:
+    """He-initialised convolutions and random biases, in place: a fresh model otherwise predicts
+    one class everywhere (and gives every pixel to one expert), so a check would see only that."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(0, math.sqrt(2 / module.weight[0].numel()))
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.5)

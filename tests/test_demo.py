@@ -239,14 +239,13 @@ K4_THRESHOLDS = [0.6, 0.8, 0.95]  # experts: {road, building, sky}, {car, person
 
 def k4_checkpoint(directory: Path) -> Path:
     """A small random-weight K=4 MEDOE (as tests/test_export.py's make_checkpoint builds K=3)."""
-    import math
-
     import torch
 
     from medoe.checkpoint import save_checkpoint
     from medoe.class_stats import ClassStats
     from medoe.config import ModelConfig
     from medoe.model import build_model
+    from tests.data_fixtures import he_init
 
     config = ModelConfig(
         model="medoe",
@@ -262,12 +261,7 @@ def k4_checkpoint(directory: Path) -> Path:
     )
     torch.manual_seed(0)
     model = build_model(config).eval()
-    with torch.no_grad():  # He-initialised: every expert gets a visible share of the weight
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(0, math.sqrt(2 / module.weight[0].numel()))
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.5)
+    he_init(model)  # every expert gets a visible share of the weight
     stats = ClassStats(K4_NAMES, K4_PIXELS, [5] * 8, 5)
     model.set_groups(stats.groups(K4_THRESHOLDS))
     return save_checkpoint(directory, model, stats)

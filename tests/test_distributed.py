@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.data_fixtures import write_small_config
 from training.common import SeededBatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,19 +24,7 @@ def test_each_rank_gets_its_own_slice_of_the_global_batch():
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
-    values = json.loads((REPO / "configs/deeplabv3plus_tiny_synthetic_cpu.json").read_text())
-    values.update(
-        synthetic_size=[64, 128],
-        crop_size=[64, 64],
-        synthetic_train_images=16,
-        synthetic_val_images=4,
-        batch_size=2,
-        num_workers=0,
-        decoder_channels=8,
-        decision_hidden=8,
-    )
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps(values))
+    config = write_small_config(tmp_path / "small.json")
     work = tmp_path / "run"
     # Drop any launcher variables of an enclosing job so this is a fresh two-process world.
     env = {

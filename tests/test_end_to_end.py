@@ -13,6 +13,7 @@ from export import to_onnx
 from medoe.checkpoint import load_checkpoint
 from medoe.data import FolderDataset, SyntheticStreets
 from medoe.data.common import to_tensors
+from tests.data_fixtures import write_small_config
 from training import evaluate, train
 
 
@@ -38,21 +39,8 @@ def write_folder_dataset(root, rng):
 
 
 def small_config(tmp_path, dataset):
-    values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
-    values.update(
-        dataset=dataset,
-        synthetic_size=[64, 96],
-        crop_size=[48, 48],
-        synthetic_train_images=8,
-        synthetic_val_images=3,
-        batch_size=2,
-        num_workers=0,
-        decoder_channels=8,
-        decision_hidden=8,
-    )
-    path = tmp_path / f"{dataset}.json"
-    path.write_text(json.dumps(values))
-    return str(path)
+    changes = dict(synthetic_size=[64, 96], crop_size=[48, 48], synthetic_train_images=8, synthetic_val_images=3)
+    return str(write_small_config(tmp_path / f"{dataset}.json", dataset=dataset, **changes))
 
 
 def test_a_folder_dataset_trains_and_evaluates_from_the_documented_commands(tmp_path):

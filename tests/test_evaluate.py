@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from medoe.model import Segmentation
+from tests.data_fixtures import write_small_config
 from training import evaluate, train
 from training.common import get_dataset
 from training.inference import default_stride, slide_inference, window_grid
@@ -24,18 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def checkpoint(tmp_path_factory):
     """One tiny MEDOE run (64x128 images, 64x64 crops) shared by the whole module."""
     root = tmp_path_factory.mktemp("evaluate")
-    values = json.loads((REPO / "configs/deeplabv3plus_tiny_synthetic_cpu.json").read_text())
-    values.update(
-        synthetic_size=[64, 128],
-        crop_size=[64, 64],
-        synthetic_train_images=16,
-        synthetic_val_images=4,
-        batch_size=2,
-        num_workers=0,
-        decoder_channels=8,
-        decision_hidden=8,
-    )
-    (root / "small.json").write_text(json.dumps(values))
+    write_small_config(root / "small.json")
     work = root / "run"
     assert (
         train.main(

@@ -1,7 +1,6 @@
 """The fused ONNX graph: exact against PyTorch at any size, metadata and Triton config from one source."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from medoe.contract import read_graph_metadata
 from medoe.model import build_model
 from serving.model_limits import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_PIXELS
 from serving.ort_memory import ARENA_MAX_PIXELS, cpu_session
+from tests.data_fixtures import he_init
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["road", "car", "person", "sign", "bike"]
@@ -42,14 +42,7 @@ def make_checkpoint(directory: Path, model_type: str = "medoe", context: str = "
     )
     torch.manual_seed(0)
     model = build_model(config).eval()
-    # He-initialised convolutions and random biases: a fresh model otherwise predicts one
-    # class everywhere, and the per-class parity would only ever look at that class.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(0, math.sqrt(2 / module.weight[0].numel()))
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.5)
+    he_init(model)  # else the per-class parity would only ever look at one class
     stats = ClassStats(NAMES, PIXELS, [5] * 5, 5)
     if model_type == "medoe":
         model.set_groups(stats.groups(config.group_thresholds))

@@ -10,25 +10,13 @@ import pytest
 
 from medoe.data import SyntheticStreets
 from medoe.metrics import ConfusionMatrix
+from tests.data_fixtures import write_small_config
 from training import evaluate, train
 
 
 @pytest.fixture
 def config_path(tmp_path):
-    values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
-    values.update(
-        synthetic_size=[64, 128],
-        crop_size=[64, 64],
-        synthetic_train_images=16,
-        synthetic_val_images=4,
-        batch_size=2,
-        num_workers=0,
-        decoder_channels=8,
-        decision_hidden=8,
-    )
-    path = tmp_path / "small.json"
-    path.write_text(json.dumps(values))
-    return str(path)
+    return str(write_small_config(tmp_path / "small.json"))
 
 
 def read_log(work_dir):
