@@ -2,16 +2,24 @@
 
     python -m bench.inference                                  # tiny backbone, random weights, ~1 min on 2 cores
     python -m bench.inference --checkpoint work/run/final --baseline-checkpoint work/base/final
+    python -m bench.inference --real-size                      # + ResNet-50c rows and the scaling plot, ~12 min
 
 Both runtimes execute the same graph (uint8 NHWC in; labels, confidence, expert weights out)
 with the same thread count, timed in blocks ordered A B B A so drifting background load
 hits both alike.
-Writes docs/benchmark_inference.md and .json (SPEC §10).
+`--real-size` (opt-in, bench/inference_scale.py): DeepLabv3+, PSPNet, OCR on ResNet-50c at 512x1024
+(GFLOP, GFLOP/s against the GEMM roof, peak memory) and how onnxruntime MEDOE DeepLabv3+ grows
+with image size and batch. About 11 min on 2 idle cores (estimated, not run whole: from the issue's
+~7 s onnxruntime / ~10 s eager per image of MEDOE R50c and a measured 10 s export + parity):
+the 6 models ~6.5 min (export, then 1 + 3 runs per runtime), the scaling points ~3 min (1024x2048
+alone ~2), GEMM roof and profiles ~1.5 min. On shared cores (load 3-4) one image took twice as
+long (12.9 s onnxruntime, 22 s eager), so expect ~25 min there.
+Writes docs/benchmark_inference.md and .json (SPEC §10), with --real-size also
+docs/benchmark_inference_scaling.png.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -26,16 +34,16 @@ import torch
 if __package__ in (None, ""):  # run as `python bench/inference.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench import inference_scale as real_size
 from bench import report as reporting
-from export.exporter import export_onnx
-from export.graph import build_graph, graph_metadata, random_images, run_model, run_torch
-from export.parity import Parity, run_onnxruntime, verify
+from bench.inference_probe import random_model
+from bench.inference_scale import export_checked, profile_ops
+from export.graph import build_graph, random_images, run_torch
+from export.parity import run_onnxruntime
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.cli import CliParser, parse_hw
 from medoe.config import load_config
-from medoe.contract import IMAGES
-from medoe.model import build_model, count_parameters
-from serving.ort_memory import cpu_session
+from medoe.model import count_parameters
 
 MODELS = ("medoe", "baseline")
 
@@ -50,6 +58,7 @@ def get_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and ORT intra_op threads")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per runtime, model and batch")
     parser.add_argument("--out-dir", default=str(reporting.DOCS_DIR), help="where benchmark_inference.{md,json} go")
+    real_size.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -60,16 +69,7 @@ def load_models(args, work: Path) -> dict:
     loaded = {}
     for name in MODELS:
         if paths[name] is None:
-            torch.manual_seed(0)
-            model = build_model(config.network.replace(model=name)).eval()
-            if name == "medoe":  # any split works for timing; three groups as the paper's
-                c = config.network.num_classes
-                model.set_groups(
-                    [list(range(0, c // 3)), list(range(c // 3, 2 * c // 3)), list(range(2 * c // 3, c))][
-                        : model.num_experts
-                    ]
-                )
-            paths[name] = save_checkpoint(work / name, model)
+            paths[name] = save_checkpoint(work / name, random_model(config.network, name))
         loaded[name] = load_checkpoint(paths[name])
     if loaded["medoe"].config.model != "medoe" or loaded["baseline"].config.model == "medoe":
         raise CheckpointError("--checkpoint must be a MEDOE checkpoint and --baseline-checkpoint a single-decoder one")
@@ -98,32 +98,18 @@ def time_pair(graph, sess, images: np.ndarray, repeats: int) -> dict[str, float]
     return {name: float(np.median(values)) for name, values in seconds.items()}
 
 
-def profile_ops(data: bytes, threads: int, images: np.ndarray, names, work: Path) -> dict:
-    """onnxruntime's profiler over 3 runs: milliseconds per op type, per run."""
-    sess = cpu_session(data, threads, profile_prefix=str(work / "ort_profile"))
-    for _ in range(4):
-        sess.run(list(names), {IMAGES: images})
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    per_op = defaultdict(float)
-    for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / 4
-    total = sum(per_op.values())
-    return {
-        "total_ms": round(total, 2),
-        "ops_ms": {k: round(v, 2) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])},
-    }
-
-
 def main(argv=None) -> int:
     args = get_args(argv)
+    problem = real_size.check_arguments(args)
     if args.threads < 1 or args.repeats < 1 or min(args.batches) < 1:
-        print("error: --threads, --repeats and --batches must be positive", file=sys.stderr)
+        problem = "--threads, --repeats and --batches must be positive"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     height, width = args.size
-    results, graphs, params, sources, profiles = [], {}, {}, {}, {}
+    results, params, sources, profiles, section = [], {}, {}, {}, None
     with tempfile.TemporaryDirectory(prefix="medoe-bench-") as tmp:
         work = Path(tmp)
         try:
@@ -133,22 +119,12 @@ def main(argv=None) -> int:
             return 2
         for name, (checkpoint, source) in models.items():
             graph = build_graph(checkpoint.model)
-            data = export_onnx(graph, graph_metadata(checkpoint.model, None, graph.outputs)).model.SerializeToString()
-            sess = cpu_session(data, args.threads)
             # The graph being timed is the verified one: quick parity at an odd size first.
-            parity = verify(
-                lambda x, g=graph: run_model(g.model, x, g.outputs),
-                lambda x, s=sess, g=graph: run_onnxruntime(s, x, g.outputs),
-                [(67, 93)],
-                [1],
-                Parity([str(c) for c in range(checkpoint.config.num_classes)], {}),
-            )
-            if parity.failures():
-                print(
-                    f"error: {name}: onnxruntime and PyTorch disagree: {'; '.join(parity.failures())}", file=sys.stderr
-                )
+            data, sess, failures = export_checked(graph, args.threads)
+            if failures:
+                print(f"error: {name}: onnxruntime and PyTorch disagree: {'; '.join(failures)}", file=sys.stderr)
                 return 1
-            graphs[name], params[name], sources[name] = (graph, sess, data), count_parameters(checkpoint.model), source
+            params[name], sources[name] = count_parameters(checkpoint.model), source
             for batch in args.batches:
                 images = random_images(batch, height, width, seed=batch)
                 for runtime, seconds in time_pair(graph, sess, images, args.repeats).items():
@@ -168,6 +144,13 @@ def main(argv=None) -> int:
             profiles[name] = profile_ops(
                 data, args.threads, random_images(1, height, width, seed=1), graph.outputs, work
             )
+            del graph, sess, data
+        if args.real_size:
+            try:
+                section = real_size.run(args, work)
+            except RuntimeError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
     config = models["medoe"][0].config
 
     def find(model, runtime, batch):
@@ -175,35 +158,18 @@ def main(argv=None) -> int:
 
     ratios = {}
     for batch in args.batches:
-        ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{batch}"] = (
-            find("medoe", "onnxruntime", batch)["images_per_s"] / find("medoe", "pytorch", batch)["images_per_s"]
-        )
-        ratios[f"onnxruntime_over_pytorch_throughput_baseline_b{batch}"] = (
-            find("baseline", "onnxruntime", batch)["images_per_s"] / find("baseline", "pytorch", batch)["images_per_s"]
-        )
+        for n in MODELS:
+            ratios[f"onnxruntime_over_pytorch_throughput_{n}_b{batch}"] = (
+                find(n, "onnxruntime", batch)["images_per_s"] / find(n, "pytorch", batch)["images_per_s"]
+            )
         for runtime in ("onnxruntime", "pytorch"):
             ratios[f"medoe_over_baseline_latency_{runtime}_b{batch}"] = (
                 find("medoe", runtime, batch)["latency_ms"] / find("baseline", runtime, batch)["latency_ms"]
             )
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    first = args.batches[0]
-    goals = [
-        reporting.goal(
-            f"onnxruntime_over_pytorch_throughput_medoe_b{b}",
-            ratios[f"onnxruntime_over_pytorch_throughput_medoe_b{b}"],
-            1.3,
-            ">=",
-        )
-        for b in args.batches
-    ]
-    goals.append(
-        reporting.goal(
-            f"medoe_over_baseline_latency_onnxruntime_b{first}",
-            ratios[f"medoe_over_baseline_latency_onnxruntime_b{first}"],
-            1.25,
-            "<=",
-        )
-    )
+    targets = {f"onnxruntime_over_pytorch_throughput_medoe_b{b}": (1.3, ">=") for b in args.batches}
+    targets[f"medoe_over_baseline_latency_onnxruntime_b{args.batches[0]}"] = (1.25, "<=")
+    goals = [reporting.goal(name, ratios[name], *target) for name, target in targets.items()]
     report = {
         **reporting.provenance("bench.inference", argv),
         "settings": {
@@ -230,17 +196,21 @@ def main(argv=None) -> int:
         "ratios": ratios,
         "parameter_overhead": round(params["medoe"] / params["baseline"] - 1, 4),
         "onnxruntime_profile_b1": profiles,
+        **({"real_size": section} if section else {}),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "goals": goals,
+        "goals": goals + (section["goals"] if section else []),
     }
     reporting.write_report(Path(args.out_dir), "benchmark_inference", report, markdown(report, args))
-    print("\n".join(reporting.goals_markdown(goals)))
+    print("\n".join(reporting.goals_markdown(report["goals"])))
     return 0
 
 
 def markdown(report: dict, args) -> list[str]:
     s, config = report["settings"], report["config"]
     random_models = all("random" in m["checkpoint"] for m in report["models"].values())
+    section = report.get("real_size")
+    real_goals = {g["name"] for g in section["goals"]} if section else set()
+    goals = [g for g in report["goals"] if g["name"] not in real_goals]  # the tiny rows' goals
     lines = reporting.header_markdown(
         "Inference benchmark: fused ONNX graph, PyTorch eager vs onnxruntime, MEDOE vs baseline", report
     )
@@ -280,7 +250,7 @@ def markdown(report: dict, args) -> list[str]:
         f"{report['models']['baseline']['parameters']:,} "
         f"(MEDOE +{100 * report['parameter_overhead']:.1f}%: the K-1 light experts and the decision maker).",
         "",
-        *reporting.goals_markdown(report["goals"]),
+        *reporting.goals_markdown(goals),
         "",
         "## Where the time goes (onnxruntime profiler, batch 1, ms per run by op type)",
         "",
@@ -306,7 +276,7 @@ def markdown(report: dict, args) -> list[str]:
         "the selection softmax (decomposed by export/to_onnx.py) as ReduceMax/Sub/Exp/ReduceSum/Div.",
         "",
     ]
-    missed = [g for g in report["goals"] if not g["met"]]
+    missed = [g for g in goals if not g["met"]]
     if missed:
         lines += [
             "Goals missed: " + ", ".join(g["name"] for g in missed) + ". The profile above says where the time goes; "
@@ -321,6 +291,7 @@ def markdown(report: dict, args) -> list[str]:
             "onnxruntime/PyTorch ratios overstate onnxruntime's lead; rerun on an idle machine.",
             "",
         ]
+    lines += [*real_size.markdown(section), ""] if section else []
     lines.append(f"Total wall time {report['total_seconds']:.0f} s. Regenerate with `{report['command']}`.")
     return lines
 
