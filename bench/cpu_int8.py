@@ -24,7 +24,6 @@ docs/benchmark_cpu_int8.{md,json} (SPEC §10) with the goals of issue 14 item 3.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ if __package__ in (None, ""):  # run as `python bench/cpu_int8.py`
 
 from bench import report as reporting
 from bench.cpu_int8_report import markdown
+from bench.inference_scale import profile_ops as op_profile
 from export.calibration import CalibrationImages
 from export.exporter import export_onnx
 from export.graph import build_graph, graph_metadata, random_images
@@ -138,21 +138,11 @@ def time_blocks(runners: dict, images: np.ndarray, repeats: int) -> dict[str, fl
 
 
 def profile_ops(path: Path, threads: int, images: np.ndarray, runs: int, work: Path) -> dict:
-    """onnxruntime's profiler: ms per run by op type (after one warm-up), and int8 / Q-DQ / float totals."""
-    session = cpu_session(path, threads, profile_prefix=str(work / f"profile_{path.stem}"))
-    names = [o.name for o in session.get_outputs()]
-    for _ in range(runs + 1):
-        session.run(names, {IMAGES: images})
-    events = json.loads(Path(session.end_profiling()).read_text())
-    per_op, per_run = defaultdict(float), defaultdict(int)
-    for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1000
-            per_run[event["args"]["op_name"]] += 1
-    # The first run is the warm-up: scale the sums to one run's worth.
-    ops = {k: v / (runs + 1) for k, v in per_op.items()}
+    """onnxruntime's profiler: ms per run by op type (a warm-up run included in the mean), and
+    int8 / Q-DQ / float totals."""
+    profile = op_profile(path, threads, images, None, work, runs=runs + 1)
     kinds = {"int8 kernels": 0.0, "quantize/dequantize": 0.0, "float kernels": 0.0}
-    for op, ms in ops.items():
+    for op, ms in profile["ops_ms"].items():
         kind = (
             "int8 kernels"
             if op.startswith(("QLinear", "QGemm")) or op in ("ConvInteger", "MatMulInteger")
@@ -161,11 +151,7 @@ def profile_ops(path: Path, threads: int, images: np.ndarray, runs: int, work: P
             else "float kernels"
         )
         kinds[kind] += ms
-    return {
-        "total_ms": round(sum(ops.values()), 2),
-        "by_kind_ms": {k: round(v, 2) for k, v in kinds.items()},
-        "ops_ms": {k: round(v, 2) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])},
-    }
+    return {**profile, "by_kind_ms": {k: round(v, 2) for k, v in kinds.items()}}
 
 
 def agreement(reference: dict, candidate: dict) -> float:

@@ -138,18 +138,20 @@ def export_checked(graph, threads: int):
     return data, sess, parity.failures()
 
 
-def profile_ops(data: bytes | str | Path, threads: int, images: np.ndarray, names, work: Path) -> dict:
-    """onnxruntime's profiler over 4 runs (the first one included): milliseconds per op type, per run."""
+def profile_ops(data: bytes | str | Path, threads: int, images: np.ndarray, names, work: Path, runs: int = 4) -> dict:
+    """onnxruntime's profiler over `runs` runs (the first one included): milliseconds per op type, per run.
+    `names`: the outputs to fetch (None: all of them)."""
     sess = cpu_session(
         data if isinstance(data, bytes) else str(data), threads, profile_prefix=str(work / "ort_profile")
     )
-    for _ in range(4):
-        sess.run(list(names), {IMAGES: images})
+    names = [o.name for o in sess.get_outputs()] if names is None else list(names)
+    for _ in range(runs):
+        sess.run(names, {IMAGES: images})
     events = json.loads(Path(sess.end_profiling()).read_text())
     per_op = defaultdict(float)
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / 4
+            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
     total = sum(per_op.values())
     return {
         "total_ms": round(total, 2),
