@@ -1,5 +1,5 @@
-# Triton 2.51 serving model_repository/ (SPEC §9): `segment` ensemble, python-backend
-# preprocess/postprocess, and `medoe` on the container's native onnxruntime backend.
+# Triton 2.51 serving model_repository/ (SPEC §9): `segment` (a python-backend model: decode,
+# `medoe` by BLS, drawing) and `medoe` on the container's native onnxruntime backend.
 # HTTP (8000) and metrics (8002) are served by Caddy in front of tritonserver's Unix sockets
 # (deploy/serve.sh; serving/proxy.py says why); gRPC (8001) is tritonserver's own.
 #
@@ -9,7 +9,7 @@
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 # Only what the python models import: serving.processing (numpy, cv2, Pillow's header readers)
-# and, in postprocess, tritonclient's model_config_pb2 to read medoe's palette; and Caddy, the
+# and, in segment, tritonclient's model_config_pb2 to read medoe's palette; and Caddy, the
 # proxy in front of Triton's HTTP and metrics. Pins satisfy pyproject.toml.
 RUN python3 -m pip install --no-cache-dir \
         numpy==1.26.4 \

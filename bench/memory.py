@@ -34,7 +34,7 @@ import numpy as np
 from bench import report as reporting
 from bench.memory_probe import SETTINGS
 from medoe.cli import CliParser
-from medoe.contract import ENSEMBLE, IMAGE, IMAGES, MODEL
+from medoe.contract import IMAGE, IMAGES, MODEL, SEGMENT
 from serving.ort_memory import ARENA_MAX_PIXELS, TRIM_DELAY_S
 from serving.processes import cmdline, descendants, stub_instance
 
@@ -150,7 +150,7 @@ def gradient_png(height: int, width: int) -> bytes:
 def request(client, module, model: str, array: np.ndarray) -> tuple[str, float]:
     """('ok' or the error's status and message, seconds)."""
     tensor = module.InferInput(
-        IMAGE if model == ENSEMBLE else IMAGES, list(array.shape), "BYTES" if model == ENSEMBLE else "UINT8"
+        IMAGE if model == SEGMENT else IMAGES, list(array.shape), "BYTES" if model == SEGMENT else "UINT8"
     )
     tensor.set_data_from_numpy(array)
     start = time.monotonic()
@@ -226,18 +226,18 @@ def server_part(repository: Path) -> dict:
     handle = start_server(repository, *free_ports(3), timeout=300)
     client = httpclient.InferenceServerClient(handle.http_url, network_timeout=600)
     try:
-        request(client, httpclient, ENSEMBLE, np.array([gradient_png(256, 512)], dtype=object))  # every stub warm
+        request(client, httpclient, SEGMENT, np.array([gradient_png(256, 512)], dtype=object))  # every stub warm
         idle = tree_memory(handle.process.pid)
         runs = {}
         for height, width in ((2048, 2048), (side, side)):
             png = np.array([gradient_png(height, width)], dtype=object)
             runs[f"segment {width}x{height}"] = measured_request(
-                handle, client, httpclient, ENSEMBLE, png, height * width / 1e6
+                handle, client, httpclient, SEGMENT, png, height * width / 1e6
             )
         batch = max_batch_pixels // (2048 * 2048) + 1
         refused = {
             "segment 6000x6000 PNG": request(
-                client, httpclient, ENSEMBLE, np.array([gradient_png(6000, 6000)], dtype=object)
+                client, httpclient, SEGMENT, np.array([gradient_png(6000, 6000)], dtype=object)
             ),
             f"medoe raw {batch}x2048x2048x3": request(
                 client, httpclient, MODEL, np.zeros((batch, 2048, 2048, 3), np.uint8)

@@ -13,12 +13,12 @@ import numpy as np
 
 from medoe.contract import (
     CONFIDENCE,
-    ENSEMBLE,
     EXPERT_WEIGHTS,
     IMAGE,
     IMAGES,
     LABELS,
     MODEL,
+    SEGMENT,
     read_graph_metadata,
 )
 from serving.decode import decode_image
@@ -130,7 +130,7 @@ class TritonCaller:
     def _inputs_outputs(self, index: int):
         m = self.module
         binary = {"binary_data": True} if self.protocol == "http" else {}
-        if self.model == ENSEMBLE:
+        if self.model == SEGMENT:
             tensor = m.InferInput(IMAGE, [1], "BYTES")
             tensor.set_data_from_numpy(np.array([self.jpegs[index]], dtype=object), **binary)
             return [tensor], [m.InferRequestedOutput(n, **binary) for n in self.outputs]
@@ -164,7 +164,7 @@ class TritonCaller:
         else:
             labels = result.as_numpy(LABELS)
             labels = labels[0] if labels.ndim == 3 else labels
-        expected = self.references["jpeg" if self.model == ENSEMBLE else "raw"][index]
+        expected = self.references["jpeg" if self.model == SEGMENT else "raw"][index]
         _check(labels, expected, self.run)
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ import psutil
 
 from bench import report as reporting
 from medoe.cli import CliParser, parse_dims
-from medoe.contract import ENSEMBLE, IMAGE, LABELS, SEGMENT_OUTPUTS
+from medoe.contract import IMAGE, LABELS, SEGMENT, SEGMENT_OUTPUTS
 from serving.processes import cmdline, descendants, stub_instance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def load_images(args) -> list[tuple[str, bytes, tuple[int, int]]]:
     images = []
     for index in range(args.num_images):
         bgr = cv2.cvtColor(data.load(index)[0], cv2.COLOR_RGB2BGR)
-        suffix = ".png" if index % 2 == 0 else ".jpg"  # both decoders in preprocess
+        suffix = ".png" if index % 2 == 0 else ".jpg"  # both decoders in segment
         images.append((f"synthetic{index}{suffix}", cv2.imencode(suffix, bgr)[1].tobytes(), bgr.shape[:2]))
     return images
 
@@ -143,7 +143,7 @@ def run(args, url: str, pid: int, images) -> dict:
                 tensor.set_data_from_numpy(np.array([data], dtype=object))
                 sent, error = time.monotonic(), None
                 try:
-                    labels = client.infer(ENSEMBLE, [tensor], outputs=wanted).as_numpy(LABELS)
+                    labels = client.infer(SEGMENT, [tensor], outputs=wanted).as_numpy(LABELS)
                     with lock:
                         expected = first.setdefault(name, labels)
                     if labels.shape != shape:
@@ -225,7 +225,7 @@ def summarize(args, records, samples) -> dict:
 
 def markdown(report: dict) -> list[str]:
     s, rss = report["settings"], report["rss_mib"]
-    lines = reporting.header_markdown("Soak test: the `segment` ensemble under constant load", report)
+    lines = reporting.header_markdown("Soak test: `segment` under constant load", report)
     lines += [
         f"{s['concurrency']} client threads ({s['protocol']}, one request in flight each, no retries) sent `segment` "
         "requests "

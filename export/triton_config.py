@@ -184,7 +184,7 @@ def write_triton_config(
         onnx_model = onnx.load(str(onnx_model), load_external_data=False)
     model_dir = Path(model_dir)
     inputs, outputs = onnx_io(onnx_model)
-    parameters = graph_props(onnx_model)  # copied as they are: the client and postprocess read them
+    parameters = graph_props(onnx_model)  # copied as they are: the client and `segment` read them
     max_pixels = options.pop("max_pixels", DEFAULT_MAX_PIXELS)
     max_batch_pixels = options.pop("max_batch_pixels", DEFAULT_MAX_BATCH_PIXELS)
     arena_max_pixels = options.pop("arena_max_pixels", ARENA_MAX_PIXELS)

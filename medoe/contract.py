@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 # --- models of the served repository --------------------------------------------------------
 MODEL = "medoe"  # the fused graph; its config carries the metadata below as `parameters`
-ENSEMBLE = "segment"  # encoded image in, drawn results out: preprocess -> medoe -> postprocess
-PREPROCESS = "preprocess"
-POSTPROCESS = "postprocess"
+SEGMENT = "segment"  # encoded image in, drawn results out: one python model calling MODEL by BLS
 
 # --- the fused graph's tensors ----------------------------------------------------------------
 IMAGES = "images"  # uint8 [N, H, W, 3] RGB 0..255; normalisation is inside the graph
@@ -34,9 +32,8 @@ DYNAMIC_AXES = {
     PROBS: {0: "batch", 2: "height", 3: "width"},
 }
 
-# --- the `segment` ensemble's tensors ---------------------------------------------------------
+# --- the `segment` model's tensors -----------------------------------------------------------
 IMAGE = "image"  # BYTES [1]: one encoded JPEG / PNG / BMP / WebP
-ORIGINAL = "original"  # preprocess -> postprocess: the decoded image at its own size
 OVERLAY = "overlay"  # uint8 [H, W, 3] RGB, the colour mask blended over the image
 CLASS_SHARE = "class_share"  # float32 [C], fraction of the pixels per class
 SEGMENT_OUTPUTS = (LABELS, OVERLAY, CLASS_SHARE, CONFIDENCE, EXPERT_WEIGHTS)  # batch axis dropped
@@ -49,7 +46,7 @@ class MetadataError(ValueError):
 @dataclass(frozen=True)
 class ModelMetadata:
     """What a served graph says about itself: written into the ONNX `metadata_props` by export,
-    copied into the Triton config's `parameters`, read back by the client, postprocess and demo."""
+    copied into the Triton config's `parameters`, read back by the client, `segment` and the demo."""
 
     model_type: str  # medoe | baseline | focal | reweight
     backbone: str

@@ -1,4 +1,4 @@
-"""Encoded image bytes -> RGB uint8, for the `preprocess` python model; importable without Triton.
+"""Encoded image bytes -> RGB uint8, for the `segment` python model; importable without Triton.
 
 Every refusal is a `ValueError` whose message names the problem in one line, because the
 python backend sends that message to the client as an INVALID_ARG error.

@@ -6,7 +6,7 @@
 The page talks to Triton only through `serving.client`. Each upload is decoded once, here, by
 the server's own rules (serving/decode.py); its pixels go to the `medoe` model, which returns
 labels, confidence and expert weights only, and the page draws overlay and class shares itself.
-An upload it cannot decode goes as it is to the `segment` ensemble, so that a refusal is the
+An upload it cannot decode goes as it is to `segment`, so that a refusal is the
 server's own message. Class names, colours, head/body/tail groups and what each expert owns
 come from the model's metadata. The bundled examples are synthetic test-split scenes:
 `python -m medoe.data.synthetic --out DIR --num 6 --split test`.
@@ -30,7 +30,7 @@ import gradio as gr
 import numpy as np
 
 from medoe.cli import CliParser
-from medoe.contract import CLASS_SHARE, CONFIDENCE, ENSEMBLE, EXPERT_WEIGHTS, LABELS, MODEL
+from medoe.contract import CLASS_SHARE, CONFIDENCE, EXPERT_WEIGHTS, LABELS, MODEL, SEGMENT
 from serving import demo_views as views
 from serving.client import ClientError, get_metadata, segment_images
 from serving.decode import decode_image
@@ -108,14 +108,14 @@ def segment(path: str | None, alpha: float, shown: list[str] | None):
 
 
 def _refusal(name: str, data: bytes, err: ValueError) -> str:
-    """An upload this page cannot decode goes to the `segment` ensemble as it is: the server
+    """An upload this page cannot decode goes to `segment` as it is: the server
     judges it, and its refusal (HTTP 400 / INVALID_ARGUMENT) is what every client would see."""
     try:
         segment_images(
             [(name, data)],
             settings["url"],
             settings["protocol"],
-            model=ENSEMBLE,
+            model=SEGMENT,
             outputs=(CLASS_SHARE,),
             retries=1,
             backoff=0.2,

@@ -1,4 +1,4 @@
-"""Drawing and resizing for the `segment` ensemble's python models; importable without Triton.
+"""Drawing and resizing for the `segment` python model; importable without Triton.
 
 Decoding lives in serving/decode.py. Every refusal is a `ValueError` whose message names the
 problem in one line, because the python backend sends that message to the client as an

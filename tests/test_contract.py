@@ -41,26 +41,41 @@ def metadata(**changes) -> ModelMetadata:
     return ModelMetadata(**values)
 
 
-def test_the_ensemble_config_uses_the_contract_names():
-    segment = read_config(contract.ENSEMBLE)
+def test_the_segment_config_uses_the_contract_names():
+    # `segment` is one python model (decode, `medoe` through BLS, drawing), no longer an ensemble
+    # of preprocess -> medoe -> postprocess; its tensors are the ones the ensemble had.
+    segment = read_config(contract.SEGMENT)
+    assert segment.backend == "python" and not segment.platform and not segment.ensemble_scheduling.step
     assert names(segment.input) == [contract.IMAGE]
+    assert [(t.data_type, list(t.dims)) for t in segment.input] == [(model_config_pb2.TYPE_STRING, [1])]
     assert names(segment.output) == list(contract.SEGMENT_OUTPUTS)
-    steps = [step.model_name for step in segment.ensemble_scheduling.step]
-    assert steps == [contract.PREPROCESS, contract.MODEL, contract.POSTPROCESS]
-    preprocess, model, postprocess = segment.ensemble_scheduling.step
-    assert set(preprocess.input_map) == {contract.IMAGE}
-    assert set(preprocess.output_map) == {contract.IMAGES, contract.ORIGINAL}
-    assert set(model.input_map) == {contract.IMAGES}
-    assert set(model.output_map) == {contract.LABELS, contract.CONFIDENCE, contract.EXPERT_WEIGHTS}
-    assert set(postprocess.output_map) == set(contract.SEGMENT_OUTPUTS)
+    uint8, fp32 = model_config_pb2.TYPE_UINT8, model_config_pb2.TYPE_FP32
+    assert {t.name: (t.data_type, list(t.dims)) for t in segment.output} == {
+        contract.LABELS: (uint8, [-1, -1]),
+        contract.OVERLAY: (uint8, [-1, -1, 3]),
+        contract.CLASS_SHARE: (fp32, [-1]),
+        contract.CONFIDENCE: (fp32, [-1, -1]),
+        contract.EXPERT_WEIGHTS: (fp32, [-1, -1, -1]),
+    }
+    assert segment.max_batch_size == 0  # one image per request, the batch axis dropped
+    assert segment.parameters["model"].string_value == contract.MODEL
 
 
-def test_the_python_model_configs_use_the_contract_names():
-    preprocess, postprocess = read_config(contract.PREPROCESS), read_config(contract.POSTPROCESS)
-    assert names(preprocess.input) == [contract.IMAGE]
-    assert names(preprocess.output) == [contract.IMAGES, contract.ORIGINAL]
-    assert names(postprocess.input) == [contract.IMAGES, contract.LABELS, contract.CONFIDENCE, contract.EXPERT_WEIGHTS]
-    assert names(postprocess.output) == list(contract.SEGMENT_OUTPUTS)
+def test_the_segment_model_uses_the_contract_names():
+    # What the python model sends to `medoe` and answers, named from the contract, never spelled out.
+    import ast
+
+    source = (REPOSITORY / contract.SEGMENT / "1" / "model.py").read_text()
+    tree = ast.parse(source)
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "medoe.contract"
+        for alias in node.names
+    }
+    assert {"IMAGE", "IMAGES", "MODEL", "SEGMENT_OUTPUTS", *(n.upper() for n in contract.SEGMENT_OUTPUTS)} <= imported
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not strings & {contract.IMAGE, contract.IMAGES, contract.MODEL, *contract.SEGMENT_OUTPUTS}
 
 
 @pytest.mark.skipif(

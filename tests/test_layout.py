@@ -95,7 +95,7 @@ def test_the_request_path_never_reaches_torch(module):
 
 def test_the_graph_is_read_from_real_files():
     # The checks above are only as good as the graph: it holds the known edges.
-    assert "medoe.contract" in GRAPH["serving.processing"] | closure("serving.<postprocess model>")
+    assert "medoe.contract" in GRAPH["serving.processing"] | closure("serving.<segment model>")
     assert "torch" in closure("export.to_onnx") and "medoe.config" in GRAPH["training.train"]
     assert any(top(n) == "export" for n in GRAPH["bench.inference"])
 

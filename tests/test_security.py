@@ -2,12 +2,12 @@
 request that takes the server down, no code run from checkpoints.
 
 One real tritonserver for the module, started the way a user starts it (`python -m
-serving.server` without --host), on a copy of the test repository whose `preprocess` has a
+serving.server` without --host), on a copy of the test repository whose `segment` has a
 small `max_pixels`. Request size: this tritonserver build (the nvidia-pytriton wheel's 2.51)
 has no flag that caps an HTTP body or a gRPC message (`--http-max-input-size` came in later
 Triton releases); HTTP bodies are capped by the Caddy proxy in front of it (serving/proxy.py),
 which also keeps the form-encoded bodies that crash this Triton's libevhtp away from it. The
-other limits tested: Triton's shape and batch checks from the model configs and `preprocess`'s
+other limits tested: Triton's shape and batch checks from the model configs and `segment`'s
 `max_pixels` (its default is covered by tests/test_serving_bad_input.py; here the configured
 value is shown to be the one enforced). The ImageNet-weights path refusing pickled
 code is covered by tests/test_backbones.py::test_pickled_code_is_refused, and
@@ -56,11 +56,11 @@ MAX_PIXELS = 5000  # 60x80 = 4800 passes, 100x100 = 10000 does not
 def limited_repository(repository, tmp_path_factory) -> Path:  # noqa: F811
     repo = tmp_path_factory.mktemp("security") / "model_repository"
     shutil.copytree(repository, repo)
-    config = repo / "preprocess" / "config.pbtxt"
+    config = repo / "segment" / "config.pbtxt"
     text, count = re.subn(
         r'(key: "max_pixels"\s*value: \{ string_value: )"\d+"', rf'\1"{MAX_PIXELS}"', config.read_text()
     )
-    assert count == 1, "preprocess/config.pbtxt has no max_pixels parameter"
+    assert count == 1, "segment/config.pbtxt has no max_pixels parameter"
     config.write_text(text)
     medoe = repo / "medoe" / "config.pbtxt"  # the same limit for raw tensors sent to `medoe`
     medoe.write_text(
@@ -285,7 +285,7 @@ def test_a_body_over_the_proxy_limit_is_413_and_the_server_stays_ready(cli_serve
     assert_medoe_answers(module, client)
 
 
-def test_a_body_under_the_limit_reaches_preprocess(cli_server, clients):
+def test_a_body_under_the_limit_reaches_segment(cli_server, clients):
     module, client = clients["http"]
     with pytest.raises(module.InferenceServerException) as error:
         client.infer("segment", segment_request(module, b"\x00" * (20 << 20)))

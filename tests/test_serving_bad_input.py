@@ -1,7 +1,7 @@
 """Bad input through the real server: each answered with HTTP 400 / gRPC INVALID_ARGUMENT naming
 the problem, and the server still ready and answering a good request correctly afterwards.
 
-`segment` refusals come from serving/decode.decode_image (preprocess model); `medoe`'s
+`segment` refusals come from serving/decode.decode_image (inside the `segment` model); `medoe`'s
 wrong names, dtypes and shapes are refused by Triton itself from the model config.
 """
 
@@ -19,7 +19,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from export.graph import random_images  # noqa: E402
-from tests.test_serving_server import png, reference, repository, segment_request, server  # noqa: E402, F401
+from tests.test_serving_server import png, protocol, reference, repository, segment_request, server  # noqa: E402, F401
 
 GOOD = random_images(1, 32, 40, seed=7)[0]
 
@@ -90,14 +90,6 @@ MEDOE_CASES = {
     "4 channels": ("images", np.zeros((1, 8, 8, 4), np.uint8), "UINT8", "unexpected shape for input 'images'"),
     "rank 3": ("images", np.zeros((8, 8, 3), np.uint8), "UINT8", "unexpected shape for input 'images'"),
 }
-
-
-@pytest.fixture(params=["http", "grpc"])
-def protocol(request, server):  # noqa: F811
-    module = httpclient if request.param == "http" else grpcclient
-    client = module.InferenceServerClient(server.http_url if request.param == "http" else server.grpc_url)
-    yield module, client
-    client.close()
 
 
 def assert_invalid_argument(module, error, message: str) -> None:

@@ -62,7 +62,7 @@ def test_library_matches_onnxruntime(protocol, model, server, repository, images
 
 
 def test_both_models_give_the_same_overlay(server, images):  # noqa: F811
-    # The medoe path recomputes overlay/class_share in the client; they must match the ensemble's.
+    # The medoe path recomputes overlay/class_share in the client; they must match segment's.
     segment, _ = client.segment_images(images, server.http_url, "http", "segment", retries=0)
     medoe, _ = client.segment_images(images, server.http_url, "http", "medoe", retries=0)
     for a, b in zip(segment, medoe, strict=True):

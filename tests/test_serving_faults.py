@@ -265,10 +265,10 @@ def test_killed_tritonserver_restarts_on_the_same_ports_and_sigterm_stops_everyt
     server = supervise("--restart")
     first, stubs, regions = (
         server.tritonserver(),
-        [server.stub(m) for m in ("medoe", "preprocess", "postprocess")],
+        [server.stub(m) for m in ("medoe", "segment")],
         server.shm_regions(),
     )
-    assert first and all(stubs) and len(regions) == 3
+    assert first and all(stubs) and len(regions) == 2
     os.kill(first, signal.SIGKILL)
     _wait(lambda: "restart: tritonserver was killed by SIGKILL" in server.stderr(), 30, "the supervisor's restart line")
     second = _wait(lambda: server.ready() and server.tritonserver(), 60, "tritonserver to come back")
@@ -285,7 +285,7 @@ def test_killed_tritonserver_restarts_on_the_same_ports_and_sigterm_stops_everyt
 
     everything = descendants(server.process.pid)
     regions = server.shm_regions()
-    assert second in everything and len(everything) == 5  # tritonserver, its three stubs and the HTTP proxy
+    assert second in everything and len(everything) == 4  # tritonserver, its two stubs and the HTTP proxy
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
     assert not [pid for pid in everything if _alive(pid)], "SIGTERM left tritonserver or a stub running"

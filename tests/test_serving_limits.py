@@ -85,8 +85,8 @@ def test_defaults_refuse_the_reported_cases():
 
 def test_shipped_configs_agree_on_the_limits():
     medoe = parameters(ROOT / "model_repository" / "medoe" / "config.pbtxt")
-    preprocess = parameters(ROOT / "model_repository" / "preprocess" / "config.pbtxt")
-    assert int(medoe["max_pixels"]) == int(preprocess["max_pixels"]) == DEFAULT_MAX_PIXELS
+    segment = parameters(ROOT / "model_repository" / "segment" / "config.pbtxt")
+    assert int(medoe["max_pixels"]) == int(segment["max_pixels"]) == DEFAULT_MAX_PIXELS
     assert int(medoe["max_batch_pixels"]) == DEFAULT_MAX_BATCH_PIXELS
     assert int(medoe["arena_max_pixels"]) == ARENA_MAX_PIXELS
 

@@ -30,7 +30,7 @@ from tests.test_serving_server import repository, segment_request, server  # noq
 
 # Private memory a stub may keep after the large request, MiB. Measured with the test model and
 # LARGE: with onnxruntime's arena alone `medoe` kept 332 MiB; now 27 (the one-time state of the
-# arena-less session's first run), preprocess and postprocess (no onnxruntime) 2-15.
+# arena-less session's first run), segment (no onnxruntime) 2-15.
 MARGIN_MIB = 64
 LARGE = (2048, 2560)  # H, W: 5.2 MP, over ARENA_MAX_PIXELS and under max_pixels
 SETTLE_S = 10.0  # onnx_model.py trims the heap again 1 s after the response: poll up to this long

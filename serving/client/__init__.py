@@ -1,6 +1,6 @@
 """serving.client: segments images on the served repository (SPEC §9), as a library.
 
-    results, meta = segment_images(["street.jpg"], "127.0.0.1:8000")                 # `segment` ensemble
+    results, meta = segment_images(["street.jpg"], "127.0.0.1:8000")                 # `segment`: encoded images
     results, meta = segment_images(paths, "127.0.0.1:8001", "grpc", model="medoe", outputs=("labels",))
 
 `segment` gets each image's encoded bytes (one request per image, all in flight at once);
@@ -28,13 +28,13 @@ from medoe.contract import (
     CLASS_SHARE,
     CONFIDENCE,
     DEFAULT_OUTPUTS,
-    ENSEMBLE,
     EXPERT_WEIGHTS,
     IMAGE,
     IMAGES,
     LABELS,
     MODEL,
     OVERLAY,
+    SEGMENT,
     SEGMENT_OUTPUTS,
     MetadataError,
     ModelMetadata,
@@ -191,7 +191,7 @@ def segment_images(
     paths_or_bytes: Sequence[str | Path | bytes | np.ndarray | tuple],
     url: str,
     protocol: str = "http",
-    model: str = ENSEMBLE,
+    model: str = SEGMENT,
     retries: int = 3,
     backoff: float = 0.5,
     timeout: float = 60.0,
@@ -202,18 +202,18 @@ def segment_images(
     Items are paths, encoded bytes, decoded RGB uint8 [H, W, 3] arrays (`medoe` only) or
     (name, bytes or array) pairs. `outputs` names the Result fields wanted, of SEGMENT_OUTPUTS
     (default: all); only what they need is requested, and the other fields are None."""
-    if model not in (ENSEMBLE, MODEL):
-        raise ClientError(f"unknown model {model!r}: use {ENSEMBLE} or {MODEL}", 2)
+    if model not in (SEGMENT, MODEL):
+        raise ClientError(f"unknown model {model!r}: use {SEGMENT} or {MODEL}", 2)
     wanted = requested_outputs(outputs)
     parse_url(url, protocol)  # a bad --protocol or --url before reading or decoding anything
     items = read_inputs(paths_or_bytes)
-    if model == ENSEMBLE and (given := next((name for name, data in items if isinstance(data, np.ndarray)), None)):
-        raise ClientError(f"{given}: {ENSEMBLE} takes encoded images; send the file's bytes, or use model {MODEL}", 2)
+    if model == SEGMENT and (given := next((name for name, data in items if isinstance(data, np.ndarray)), None)):
+        raise ClientError(f"{given}: {SEGMENT} takes encoded images; send the file's bytes, or use model {MODEL}", 2)
     decoded = [decode(name, data) for name, data in items] if model == MODEL else None
     client = connect(protocol, url, max(1, min(len(items), 16)), timeout)
     try:
         meta = with_retries(lambda: fetch_metadata(client, protocol), retries, backoff, url)
-        if model == ENSEMBLE:
+        if model == SEGMENT:
             return _segment_encoded(client, protocol, items, wanted, retries, backoff, url), meta
         return _segment_decoded(client, protocol, items, decoded, wanted, meta, retries, backoff, url), meta
     finally:
@@ -228,7 +228,7 @@ def _segment_encoded(
     names = [name for name, _ in items]
     start = time.perf_counter()
     answers = with_retries(
-        lambda: gather(client, protocol, ENSEMBLE, requests, wanted, names), retries, backoff, url, inference=True
+        lambda: gather(client, protocol, SEGMENT, requests, wanted, names), retries, backoff, url, inference=True
     )
     seconds = time.perf_counter() - start
     return [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medoe.contract import ENSEMBLE, LABELS, MODEL, OVERLAY
+from medoe.contract import LABELS, MODEL, OVERLAY, SEGMENT
 from serving.client import segment_images
 from serving.client.check import MIN_AGREEMENT, check_against_onnx
 from serving.client.connection import parse_url
@@ -52,7 +52,7 @@ def get_args(argv=None) -> argparse.Namespace:
         "--url", default="127.0.0.1:8000", help="HOST:PORT, or a URL as below (8000 HTTP, 8001 gRPC by default)"
     )
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    parser.add_argument("--model", choices=(ENSEMBLE, MODEL), default=ENSEMBLE)
+    parser.add_argument("--model", choices=(SEGMENT, MODEL), default=SEGMENT)
     parser.add_argument("--out", required=True, help="directory for <stem>_labels.png and <stem>_overlay.png")
     parser.add_argument("--check", action="store_true", help="compare labels with onnxruntime on --onnx")
     parser.add_argument("--onnx", help="local ONNX graph for --check")
