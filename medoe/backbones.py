@@ -184,3 +184,24 @@ def load_imagenet_weights(backbone: ResNetC, path: str | Path) -> LoadReport:
                 loaded.append(target)
     missing = sorted(set(ours) - set(loaded))
     return LoadReport(sorted(loaded), missing, sorted(unused))
+
+
+def build_backbone(name: str, output_stride: int = 8) -> nn.Module:
+    """ResNetC for the ResNet names, the Mix Transformer (medoe.mit) for mit_b0..mit_b5.
+
+    Both return four stage maps and expose `channels`; MiT's strides are fixed (4, 8, 16, 32),
+    so `output_stride` only applies to ResNetC."""
+    if name.startswith("mit_"):
+        from medoe.mit import MixTransformer  # medoe.mit imports this module
+
+        return MixTransformer(name)
+    return ResNetC(name, output_stride)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
+    """`load_imagenet_weights` for ResNetC, `medoe.mit.load_mit_weights` for a Mix Transformer."""
+    from medoe.mit import MixTransformer, load_mit_weights
+
+    if isinstance(backbone, MixTransformer):
+        return load_mit_weights(backbone, path)
+    return load_imagenet_weights(backbone, path)

@@ -24,8 +24,8 @@ from medoe.io import atomic_write_text
 
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
 MIXINGS = ("paper", "nested")
-BACKBONES = ("tiny", "resnet18c", "resnet50c", "resnet101c")
-CONTEXTS = ("aspp", "ppm", "ocr", "light")
+BACKBONES = ("tiny", "resnet18c", "resnet50c", "resnet101c", *(f"mit_b{i}" for i in range(6)))  # mit_*: medoe.mit
+CONTEXTS = ("aspp", "ppm", "ocr", "mlp", "light")  # mlp: SegFormer's all-MLP decoder (for the mit_* backbones)
 OPTIMIZERS = ("sgd", "adamw")
 DATASETS = (
     "synthetic",
@@ -64,9 +64,9 @@ class ModelConfig(_Checked):
     """What rebuilds the network: its shape, its classes and its input normalisation."""
 
     model: str = "medoe"  # medoe | baseline | focal | reweight (the last three: one decoder, differing in their loss)
-    backbone: str = "resnet50c"  # tiny | resnet18c | resnet50c | resnet101c
-    output_stride: int = 8  # 8 or 16: later ResNet stages are dilated instead of strided
-    context: str = "aspp"  # context module of expert 1 (and of the baselines): aspp | ppm | ocr | light
+    backbone: str = "resnet50c"  # tiny | resnet18c | resnet50c | resnet101c | mit_b0..mit_b5 (Mix Transformer)
+    output_stride: int = 8  # 8 or 16: later ResNet stages are dilated instead of strided (mit_*: always 32)
+    context: str = "aspp"  # context module of expert 1 (and of the baselines): aspp | ppm | ocr | mlp | light
     light_experts: bool = True  # experts 2..K use the light context module (paper: "a small number of convolutions")
     decoder_channels: int = 256  # width of every context module
     num_experts: int = 3  # K >= 2; expert k is trained on the classes of groups k..K

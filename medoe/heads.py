@@ -136,6 +136,23 @@ class LightHead(nn.Module):
         return self.convs(features[-1])
 
 
+class MLPHead(nn.Module):
+    """SegFormer's all-MLP decoder: each stage linearly projected to `channels`, all upsampled to
+    the first stage's (stride-4) size, concatenated and fused by a 1x1 conv + BN + ReLU."""
+
+    def __init__(self, in_channels: list[int], channels: int):
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = nn.Sequential(*conv_bn_relu(channels * len(in_channels), channels, 1))
+        self.out_channels = channels
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        size = features[0].shape[-2:]
+        return self.fuse(
+            torch.cat([resize(linear(f), size) for linear, f in zip(self.linears, features, strict=True)], dim=1)
+        )
+
+
 def build_context(name: str, in_channels: list[int], channels: int, num_classes: int, output_stride: int) -> nn.Module:
     if name == "aspp":
         return ASPPHead(in_channels, channels, output_stride)
@@ -145,4 +162,6 @@ def build_context(name: str, in_channels: list[int], channels: int, num_classes:
         return OCRHead(in_channels, channels, num_classes)
     if name == "light":
         return LightHead(in_channels, channels)
-    raise ValueError(f"unknown context module {name!r}, expected aspp, ppm, ocr or light")
+    if name == "mlp":
+        return MLPHead(in_channels, channels)
+    raise ValueError(f"unknown context module {name!r}, expected aspp, ppm, ocr, mlp or light")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from medoe.backbones import ResNetC, load_imagenet_weights
+from medoe.backbones import build_backbone, load_backbone_weights
 from medoe.config import ModelConfig
 from medoe.heads import build_context
 from medoe.ops import resize
@@ -66,7 +66,7 @@ class SegmentationModel(nn.Module):
         self.config = config
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
-        self.backbone = ResNetC(config.backbone, config.output_stride)
+        self.backbone = build_backbone(config.backbone, config.output_stride)
 
     def features(self, images: Tensor) -> list[Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -254,7 +254,7 @@ def build_model(config: ModelConfig, pretrained: str = "") -> SegmentationModel:
     """The network of `config`; `pretrained` is a local ImageNet state dict for its backbone,
     whose load report (unused, missing and mismatched keys) is kept as `model.load_report`."""
     model = MEDOE(config) if config.is_medoe else BaselineModel(config)
-    model.load_report = load_imagenet_weights(model.backbone, pretrained) if pretrained else None
+    model.load_report = load_backbone_weights(model.backbone, pretrained) if pretrained else None
     return model
 
 
