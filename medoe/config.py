@@ -148,6 +148,8 @@ class TrainConfig(_Checked):
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD: 5e-4; AdamW: 0.01
     poly_power: float = 0.9  # lr = lr0 * (1 - it / iters) ** poly_power
+    head_lr_mult: float = 1.0  # stage 1: lr of everything but the backbone = lr * this (SegFormer recipe: 10)
+    warmup_iters: int = 0  # stage 1: lr ramps linearly from lr * 1e-6 over these iterations (SegFormer: 1500)
     batch_size: int = 8  # images per step (per process under torchrun)
     iters: int = 80000  # stage-1 iterations (baselines: the whole budget)
     stage2_iters: int = 0  # stage-2 iterations; 0 = iters // 10
@@ -270,6 +272,8 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "momentum": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     "weight_decay": ((lambda v: v >= 0), "a finite number >= 0"),
     "poly_power": ((lambda v: v >= 0), "a finite number >= 0"),
+    "head_lr_mult": ((lambda v: v > 0), "a finite number > 0"),
+    "warmup_iters": ((lambda v: v >= 0), "an integer >= 0"),
     "batch_size": ((lambda v: v >= 1), "an integer >= 1"),
     "iters": ((lambda v: v >= 1), "an integer >= 1"),
     "stage2_iters": ((lambda v: v >= 0), "an integer >= 0 (0 = iters // 10)"),

@@ -29,10 +29,10 @@ PIXELS = [700, 150, 100, 30, 20]  # head {road, car}, body {person}, tail {sign,
 SMALL = ["--verify-sizes", "48x64", "37x45", "64x80", "--verify-batches", "1", "3"]  # 37x45: no multiple of 8
 
 
-def make_checkpoint(directory: Path, model_type: str = "medoe", context: str = "aspp") -> Path:
+def make_checkpoint(directory: Path, model_type: str = "medoe", context: str = "aspp", backbone: str = "tiny") -> Path:
     config = ModelConfig(
         model=model_type,
-        backbone="tiny",
+        backbone=backbone,
         context=context,
         num_classes=5,
         decoder_channels=8,
@@ -84,9 +84,9 @@ def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("model_type", ["medoe", "baseline"])
-@pytest.mark.parametrize("context", ["aspp", "ppm", "ocr"])
-def test_export_matches_pytorch_at_sizes_other_than_the_traced_one(tmp_path, capsys, model_type, context):
-    checkpoint = make_checkpoint(tmp_path / "ckpt", model_type, context)
+@pytest.mark.parametrize("backbone, context", [("tiny", "aspp"), ("tiny", "ppm"), ("tiny", "ocr"), ("mit_b0", "mlp")])
+def test_export_matches_pytorch_at_sizes_other_than_the_traced_one(tmp_path, capsys, model_type, backbone, context):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", model_type, context, backbone)
     out = tmp_path / "repo" / "medoe" / "1" / "model.onnx"
     assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), *SMALL]) == 0
     printed = capsys.readouterr().out

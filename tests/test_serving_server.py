@@ -250,3 +250,29 @@ def test_the_proxy_compresses_a_response_only_when_the_client_asks(server, accep
     connection.close()
     # A response the proxy inflated itself comes without Content-Length (Go drops it); Triton's own has one.
     assert encoding == accept and length == str(size), (encoding, length, size)
+
+
+def test_a_segformer_medoe_is_served_over_http_and_grpc(tmp_path):
+    # A Mix Transformer (mit_b0 + the all-MLP decoder) goes through export and Triton unchanged.
+    repo = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo)
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "medoe", "mlp", "mit_b0")
+    out = repo / "medoe" / "1" / "model.onnx"
+    assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), "--verify-sizes", "48x64"]) == 0
+    images = random_images(1, 48, 64, seed=5)
+    expected = reference(repo, images)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    handle = start_server(repo, http_port, grpc_port, metrics_port, timeout=60)
+    try:
+        for module, url in ((httpclient, handle.http_url), (grpcclient, handle.grpc_url)):
+            client = module.InferenceServerClient(url)
+            tensor = module.InferInput("images", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images)
+            result = client.infer("medoe", [tensor])
+            np.testing.assert_array_equal(result.as_numpy("labels"), expected["labels"])
+            np.testing.assert_allclose(result.as_numpy("confidence"), expected["confidence"], atol=1e-6)
+            labels = client.infer("segment", segment_request(module, png(images[0]))).as_numpy("labels")
+            np.testing.assert_array_equal(labels, expected["labels"][0])
+            client.close()
+    finally:
+        handle.stop()

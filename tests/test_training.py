@@ -102,3 +102,44 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_warmup_ramps_linearly_then_poly_decays():
+    from training.train import WARMUP_START, scheduled_lr
+
+    assert scheduled_lr(1.0, 0, 100, 0.9, 10) == pytest.approx(WARMUP_START)
+    assert scheduled_lr(1.0, 5, 100, 0.9, 10) == pytest.approx((0.95**0.9) * (0.5 + 0.5 * WARMUP_START))
+    assert scheduled_lr(1.0, 10, 100, 0.9, 10) == pytest.approx(0.9**0.9)  # warm-up over: poly alone
+    assert scheduled_lr(1.0, 0, 100, 0.9, 0) == 1.0
+
+
+def test_head_lr_mult_gives_the_backbone_its_own_group():
+    from medoe.config import ModelConfig
+    from medoe.model import build_model
+    from training.train import parameter_groups
+
+    model = build_model(ModelConfig(backbone="tiny", num_classes=4, decoder_channels=8))
+    (single,) = parameter_groups(model, 1.0)
+    backbone, head = parameter_groups(model, 10.0)
+    assert len(single["params"]) == len(backbone["params"]) + len(head["params"])
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    assert (backbone["lr_mult"], head["lr_mult"]) == (1.0, 10.0) and head["params"]
+
+
+def test_a_segformer_medoe_trains_with_the_transformer_recipe_and_evaluates(tmp_path):
+    config = write_small_config(
+        tmp_path / "mit.json",
+        backbone="mit_b0",
+        context="mlp",
+        optimizer="adamw",
+        lr=6e-4,
+        weight_decay=0.01,
+        head_lr_mult=10.0,
+        warmup_iters=2,
+    )
+    work = tmp_path / "run"
+    assert train.main(["--config", str(config), "--work-dir", str(work), "--iters", "3", "--stage2-iters", "1"]) == 0
+    log = read_log(work)
+    assert [(r["stage"], r["iter"]) for r in log] == [(1, 1), (1, 2), (1, 3), (2, 1)]
+    assert log[0]["lr"] < log[1]["lr"] and all(np.isfinite(r["loss"]) for r in log)  # warming up
+    assert {"mIoU", "groups", "oracle"} <= set(json.loads((work / "metrics.json").read_text()))

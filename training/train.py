@@ -185,17 +185,43 @@ class StageLoss(nn.Module):
         return F.cross_entropy(logits, labels, ignore_index=config.network.ignore_index), {}
 
 
+WARMUP_START = 1e-6  # warm-up starts at lr * this (mmsegmentation's warmup_ratio, SegFormer's schedule)
+
+
+def scheduled_lr(base_lr: float, it: int, iters: int, poly_power: float, warmup_iters: int) -> float:
+    """Poly decay, times a linear warm-up over the first `warmup_iters` (mmseg's `linear` warm-up)."""
+    lr = base_lr * (1 - it / iters) ** poly_power
+    if it < warmup_iters:
+        lr *= 1 - (1 - it / warmup_iters) * (1 - WARMUP_START)
+    return lr
+
+
+def parameter_groups(model, head_lr_mult: float) -> list[dict]:
+    """The trainable parameters; with `head_lr_mult` != 1, two groups: the backbone at the base lr
+    and everything else (context modules, experts, decision maker) at `head_lr_mult` times it.
+    One group otherwise, so that checkpoints of runs without it resume unchanged."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if head_lr_mult == 1.0:
+        return [{"params": params, "lr_mult": 1.0}]
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [
+        {"params": [p for p in params if id(p) in backbone], "lr_mult": 1.0},
+        {"params": [p for p in params if id(p) not in backbone], "lr_mult": head_lr_mult},
+    ]
+
+
 def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, device, start_iter=0, state=None) -> bool:
     """Runs one stage from `start_iter`; returns False when --stop-after ended it early."""
     iters = config.iters if stage == 1 else config.stage2_steps
     base_lr = config.lr if stage == 1 else config.stage2_lr
     if config.network.is_medoe:
         model.set_stage(stage)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(model, config.head_lr_mult if stage == 1 else 1.0)
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    warmup = config.warmup_iters if stage == 1 else 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -219,9 +245,9 @@ def train_stage(model, config, stage, stats, dataset, work_dir: Path, args, devi
     stopping = False
     tic = time.perf_counter()
     for it, (images, labels) in enumerate(loader, start=start_iter):
-        lr = base_lr * (1 - it / iters) ** config.poly_power
+        lr = scheduled_lr(base_lr, it, iters, config.poly_power, warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=scaler.is_enabled()):
             loss, parts = stage_loss(images, labels)
