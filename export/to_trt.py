@@ -25,6 +25,7 @@ from export.calibration import CalibrationImages
 from export.graph import random_images
 from export.parity import Parity, run_onnxruntime
 from export.triton_config import triton_model_dir, write_triton_config
+from export.trt_precision import keep_fp32
 from medoe.cli import CliParser, parse_dims
 from medoe.contract import IMAGES, read_graph_metadata
 from medoe.io import atomic_write_bytes, check_writable
@@ -115,6 +116,9 @@ def build_engine(trt, onnx_path: Path, shapes: tuple[Shape, Shape, Shape], args,
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 convolutions drift by ~1e-3 from fp32
     if args.fp16 or args.int8:
         config.set_flag(trt.BuilderFlag.FP16)  # with --int8: the fallback for layers without int8 kernels
+        # LayerNorm, softmax, reductions and exp stay fp32 (export/trt_precision.py says why).
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        print(f"  kept in fp32: {len(keep_fp32(trt, network))} layers (normalisation, softmax, reductions, exp)")
     if args.int8:
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = calibrator
@@ -190,7 +194,9 @@ def get_args(argv=None):
     parser.add_argument("--min-shape", default="1x256x256x3", help="smallest NxHxWx3 the engine accepts")
     parser.add_argument("--opt-shape", default="1x512x1024x3", help="the shape kernels are tuned for")
     parser.add_argument("--max-shape", default="4x1024x2048x3", help="largest NxHxWx3 the engine accepts")
-    parser.add_argument("--fp16", action="store_true", help="allow fp16 kernels")
+    parser.add_argument(
+        "--fp16", action="store_true", help="allow fp16 kernels (LayerNorm, softmax, reductions and exp stay fp32)"
+    )
     parser.add_argument("--int8", action="store_true", help="int8 (with fp16 fallback), calibrated on --calib-dir")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 layers (faster, ~1e-3 off)")
     parser.add_argument("--calib-dir", help="images for int8 calibration, resized and cropped to --opt-shape")

@@ -171,3 +171,25 @@ def test_calibration_errors(tmp_path):
 
 def test_entropy_calibrator_exists_only_with_tensorrt():
     assert hasattr(calibration, "EntropyCalibrator") == (calibration.trt is not None)
+
+
+def test_fp16_keeps_normalisation_softmax_reductions_and_exp_in_fp32():
+    from export.trt_precision import is_fp32_layer
+
+    for kept in (("NORMALIZATION", None), ("SOFTMAX", None), ("REDUCE", None), ("UNARY", "EXP"), ("UNARY", "SQRT")):
+        assert is_fp32_layer(*kept), kept
+    for fast in (("CONVOLUTION", None), ("MATRIX_MULTIPLY", None), ("ELEMENTWISE", None), ("UNARY", "ABS")):
+        assert not is_fp32_layer(*fast), fast
+
+
+def test_a_segformer_graph_holds_the_ops_fp16_keeps_in_fp32(tmp_path):
+    # What --fp16 protects must be in the graphs it is for: the MiT's LayerNorms and attention
+    # softmaxes, and MEDOE's mixing softmaxes (decomposed into Exp / ReduceSum by the exporter).
+    from export.trt_precision import fp32_onnx_ops
+
+    out = tmp_path / "repo" / "medoe" / "1" / "model.onnx"
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "medoe", "mlp", "mit_b0")
+    assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), "--no-verify"]) == 0
+    ops = fp32_onnx_ops(onnx.load(str(out)))
+    assert ops["LayerNormalization"] + ops["ReduceMean"] >= 8, ops  # 8 blocks x 2 norms in mit_b0, at least
+    assert ops["Softmax"] + ops["Exp"] >= 8, ops  # one attention softmax per block
