@@ -81,3 +81,36 @@ def test_concurrent_segment_requests_each_get_their_own_answer(server, repositor
         client.close()
     for got, want in zip(answers, expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_baseline_behind_segment_answers_its_four_outputs_and_refuses_expert_weights(tmp_path):
+    import shutil
+
+    from export import to_onnx
+    from serving.processes import free_ports
+    from serving.supervisor import start_server
+    from tests.test_export import make_checkpoint
+    from tests.test_serving_server import ROOT
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo)
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "baseline")
+    out = repo / "medoe" / "1" / "model.onnx"
+    assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), "--verify-sizes", "48x64"]) == 0
+    data = png(random_images(1, 48, 64, seed=2)[0])
+    handle = start_server(repo, *free_ports(3), timeout=60)
+    try:
+        for module, url in ((httpclient, handle.http_url), (grpcclient, handle.grpc_url)):
+            client = module.InferenceServerClient(url)
+            result = client.infer("segment", segment_request(module, data))  # no outputs named: all it has
+            assert result.as_numpy("labels").shape == (48, 64) and result.as_numpy("expert_weights") is None
+            assert result.as_numpy("overlay").shape == (48, 64, 3)
+            with pytest.raises(module.InferenceServerException) as error:
+                outputs = [module.InferRequestedOutput(name) for name in ("labels", "expert_weights")]
+                client.infer("segment", segment_request(module, data), outputs=outputs)
+            assert str(error.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT"), error.value.status()
+            assert "(baseline) has no output expert_weights" in error.value.message(), error.value.message()
+            assert client.is_server_live()
+            client.close()
+    finally:
+        handle.stop()

@@ -162,6 +162,9 @@ class TritonPythonModel:
         except MetadataError as err:
             raise pb_utils.TritonModelException(str(err)) from None
         self.num_classes = metadata.num_classes
+        # What this model can answer: a baseline graph has no expert_weights.
+        self.outputs = [name for name in SEGMENT_OUTPUTS if SOURCE[name] in metadata.outputs]
+        self.model_type = metadata.model_type
         self.palette = palette_array(metadata.palette)
         self.alpha = float(parameters.get("alpha", 0.5))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="segment")
@@ -194,7 +197,20 @@ class TritonPythonModel:
 
     def _segment(self, request, times: dict[str, float]):
         start = time.perf_counter()
-        wanted = set(request.requested_output_names()) or set(SEGMENT_OUTPUTS)
+        wanted = set(request.requested_output_names())
+        # Triton names every output of the config for a request that names none: that means
+        # "all this model has"; one that names an output the graph lacks is refused.
+        if not wanted or wanted == set(SEGMENT_OUTPUTS):
+            wanted = set(self.outputs)
+        if missing := sorted(wanted - set(self.outputs)):
+            return (
+                _invalid(
+                    f"model {self.model!r} ({self.model_type}) has no output {', '.join(missing)}; "
+                    f"it answers {', '.join(self.outputs)}"
+                ),
+                None,
+                0,
+            )
         wanted = [name for name in SEGMENT_OUTPUTS if name in wanted]
         try:
             data = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)
