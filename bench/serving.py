@@ -33,7 +33,14 @@ import numpy as np
 from bench import report as reporting
 from bench import serving_callers as clients
 from medoe.cli import CliParser, parse_hw
-from medoe.contract import DEFAULT_OUTPUTS, MODEL, SEGMENT
+from medoe.contract import (
+    DEFAULT_OUTPUTS,
+    MODEL,
+    SEGMENT,
+    SEGMENT_ANSWERS_METRIC,
+    SEGMENT_PHASE_METRIC,
+    SEGMENT_PHASES,
+)
 from serving.decode import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +56,6 @@ RUNS = (
     "segment_grpc",
 )
 MODELS = (SEGMENT, MODEL)
-SEGMENT_PHASES = ("decode", "model", "draw", "send")  # model_repository/segment/1/model.py's metrics
 SEGMENT_FLUSH_S = 0.6  # it flushes its sums every 0.25 s
 SEGMENT_GOAL = 1.10  # segment p50 <= this x (medoe p50 + JPEG decode), concurrency 1 (issue 14)
 
@@ -167,10 +173,10 @@ def segment_phases(server) -> dict[str, float]:
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         text = response.read().decode()
     sums = {phase: 0.0 for phase in (*SEGMENT_PHASES, "answers")}
-    for phase, value in re.findall(r'^medoe_segment_phase_us\{phase="(\w+)"\} (\S+)$', text, re.M):
+    for phase, value in re.findall(rf'^{SEGMENT_PHASE_METRIC}\{{phase="(\w+)"\}} (\S+)$', text, re.M):
         if phase in sums:
             sums[phase] = float(value)
-    sums["answers"] = sum(float(v) for v in re.findall(r"^medoe_segment_answers(?:\{\})? (\S+)$", text, re.M))
+    sums["answers"] = sum(float(v) for v in re.findall(rf"^{SEGMENT_ANSWERS_METRIC}(?:\{{\}})? (\S+)$", text, re.M))
     return sums
 
 

@@ -37,6 +37,11 @@ IMAGE = "image"  # BYTES [1]: one encoded JPEG / PNG / BMP / WebP
 OVERLAY = "overlay"  # uint8 [H, W, 3] RGB, the colour mask blended over the image
 CLASS_SHARE = "class_share"  # float32 [C], fraction of the pixels per class
 SEGMENT_OUTPUTS = (LABELS, OVERLAY, CLASS_SHARE, CONFIDENCE, EXPERT_WEIGHTS)  # batch axis dropped
+# `segment`'s own Triton metrics (counters), read back by bench/serving.py: microseconds summed
+# per phase of an answer, and the answers they cover.
+SEGMENT_PHASE_METRIC = "medoe_segment_phase_us"  # label `phase`: one of SEGMENT_PHASES
+SEGMENT_ANSWERS_METRIC = "medoe_segment_answers"
+SEGMENT_PHASES = ("decode", "model", "draw", "send")
 
 
 class MetadataError(ValueError):

@@ -36,7 +36,10 @@ from medoe.contract import (
     LABELS,
     MODEL,
     OVERLAY,
+    SEGMENT_ANSWERS_METRIC,
     SEGMENT_OUTPUTS,
+    SEGMENT_PHASE_METRIC,
+    SEGMENT_PHASES,
     MetadataError,
     ModelMetadata,
     triton_parameters,
@@ -57,10 +60,9 @@ from serving.processing import (
 SOURCE = {LABELS: LABELS, OVERLAY: LABELS, CLASS_SHARE: LABELS, CONFIDENCE: CONFIDENCE, EXPERT_WEIGHTS: EXPERT_WEIGHTS}
 # Requests in flight at once: the most `medoe` batches (its max_batch_size).
 DEFAULT_THREADS = 8
-# Where each answer's time goes, summed in microseconds, as Triton metrics (bench/serving.py reads
-# them): decode (and resize to the working size), model (the BLS round trip to `medoe`, its queue
+# Where each answer's time goes, summed in microseconds, as Triton metrics (SEGMENT_PHASES; bench/serving.py
+# reads them): decode (and resize to the working size), model (the BLS round trip to `medoe`, its queue
 # included), draw (resize back, overlay, shares) and send (outputs into shared memory, handed over).
-PHASES = ("decode", "model", "draw", "send")
 FLUSH_S = 0.25  # the sums reach the metrics at most this often: each update is a message to Triton
 # After an image this large (pixels), glibc's heap is trimmed, so the stub does not keep its peak.
 TRIM_PIXELS = 4 * 1024 * 1024
@@ -87,20 +89,20 @@ class PhaseTimes:
     `medoe_segment_answers` from a timer thread; a no-op where Triton has metrics off."""
 
     def __init__(self):
-        self.lock, self.sums, self.timer = threading.Lock(), dict.fromkeys((*PHASES, "answers"), 0.0), None
+        self.lock, self.sums, self.timer = threading.Lock(), dict.fromkeys((*SEGMENT_PHASES, "answers"), 0.0), None
         try:
             phases = pb_utils.MetricFamily(
-                name="medoe_segment_phase_us",
+                name=SEGMENT_PHASE_METRIC,
                 description="segment: microseconds spent per phase, summed over answers",
                 kind=pb_utils.MetricFamily.COUNTER,
             )
             answers = pb_utils.MetricFamily(
-                name="medoe_segment_answers",
-                description="segment: answers timed in medoe_segment_phase_us",
+                name=SEGMENT_ANSWERS_METRIC,
+                description=f"segment: answers timed in {SEGMENT_PHASE_METRIC}",
                 kind=pb_utils.MetricFamily.COUNTER,
             )
             self.families = (phases, answers)  # a family that is collected takes its metrics with it
-            self.metrics = {p: phases.Metric(labels={"phase": p}) for p in PHASES}
+            self.metrics = {p: phases.Metric(labels={"phase": p}) for p in SEGMENT_PHASES}
             self.metrics["answers"] = answers.Metric(labels={})
         except Exception:  # Triton runs with metrics off
             self.metrics = None
