@@ -270,27 +270,12 @@ def k4_checkpoint(directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def k4_server(tmp_path_factory):
     """The shipped repository with the K=4 model as `medoe`, on the embedded Triton."""
-    from export import to_onnx
     from serving.supervisor import start_server
+    from tests.test_serving_server import exported_repository
 
     root = tmp_path_factory.mktemp("k4")
-    repo = root / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo)
-    assert (
-        to_onnx.main(
-            [
-                "--checkpoint",
-                str(k4_checkpoint(root / "checkpoint")),
-                "--out",
-                str(repo / "medoe" / "1" / "model.onnx"),
-                "--verify-sizes",
-                "48x64",
-                "--verify-batches",
-                "1",
-            ]
-        )
-        == 0
-    )
+    checkpoint = k4_checkpoint(root / "checkpoint")
+    repo = exported_repository(root, checkpoint, "--verify-sizes", "48x64", "--verify-batches", "1")
     handle = start_server(repo, *free_ports(3), timeout=90)
     yield handle
     handle.stop()

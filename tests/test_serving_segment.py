@@ -84,19 +84,14 @@ def test_concurrent_segment_requests_each_get_their_own_answer(server, repositor
 
 
 def test_a_baseline_behind_segment_answers_its_four_outputs_and_refuses_expert_weights(tmp_path):
-    import shutil
-
-    from export import to_onnx
     from serving.processes import free_ports
     from serving.supervisor import start_server
     from tests.test_export import make_checkpoint
-    from tests.test_serving_server import ROOT
+    from tests.test_serving_server import exported_repository
 
-    repo = tmp_path / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo)
-    checkpoint = make_checkpoint(tmp_path / "checkpoint", "baseline")
-    out = repo / "medoe" / "1" / "model.onnx"
-    assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), "--verify-sizes", "48x64"]) == 0
+    repo = exported_repository(
+        tmp_path, make_checkpoint(tmp_path / "checkpoint", "baseline"), "--verify-sizes", "48x64"
+    )
     data = png(random_images(1, 48, 64, seed=2)[0])
     handle = start_server(repo, *free_ports(3), timeout=60)
     try:

@@ -30,26 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SEGMENT_OUTPUTS = ("labels", "overlay", "class_share", "confidence", "expert_weights")
 
 
+def exported_repository(root: Path, checkpoint: Path, *verify: str) -> Path:
+    """A copy of model_repository/ under `root` with `checkpoint` exported as its `medoe`."""
+    repo = root / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo)
+    out = repo / "medoe" / "1" / "model.onnx"
+    assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), *verify]) == 0
+    return repo
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serving")
-    repo = root / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo)
-    checkpoint = make_checkpoint(root / "checkpoint")
-    code = to_onnx.main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--out",
-            str(repo / "medoe" / "1" / "model.onnx"),
-            "--verify-sizes",
-            "48x64",
-            "--verify-batches",
-            "1",
-        ]
+    return exported_repository(
+        root, make_checkpoint(root / "checkpoint"), "--verify-sizes", "48x64", "--verify-batches", "1"
     )
-    assert code == 0
-    return repo
 
 
 @pytest.fixture(scope="module")
@@ -254,11 +249,8 @@ def test_the_proxy_compresses_a_response_only_when_the_client_asks(server, accep
 
 def test_a_segformer_medoe_is_served_over_http_and_grpc(tmp_path):
     # A Mix Transformer (mit_b0 + the all-MLP decoder) goes through export and Triton unchanged.
-    repo = tmp_path / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo)
     checkpoint = make_checkpoint(tmp_path / "checkpoint", "medoe", "mlp", "mit_b0")
-    out = repo / "medoe" / "1" / "model.onnx"
-    assert to_onnx.main(["--checkpoint", str(checkpoint), "--out", str(out), "--verify-sizes", "48x64"]) == 0
+    repo = exported_repository(tmp_path, checkpoint, "--verify-sizes", "48x64")
     images = random_images(1, 48, 64, seed=5)
     expected = reference(repo, images)
     http_port, grpc_port, metrics_port = free_ports(3)
