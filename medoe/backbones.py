@@ -166,24 +166,33 @@ def load_imagenet_weights(backbone: ResNetC, path: str | Path) -> LoadReport:
     torchvision's 7x7 stem has no counterpart in the deep stem: it is reported as unused and
     the stem keeps its initialisation. The classifier (`fc.*`) is always unused.
     """
-    ours = backbone.state_dict()
     source = read_state_dict(path)
     deep_stem = any(k.startswith("conv1.0.") for k in source)
-    loaded, unused = [], []
+    candidates, unused = [], []
+    for key, value in source.items():
+        target = _source_to_ours(key, deep_stem)
+        if target is None:
+            unused.append(f"{key} (7x7 stem, no counterpart in the deep stem)")
+        else:
+            candidates.append((target, value, [key]))
+    return copy_matching(backbone.state_dict(), candidates, unused)
+
+
+def copy_matching(ours: dict[str, Tensor], candidates, unused: list[str]) -> LoadReport:
+    """Copies each candidate (our key, a tensor, the file's keys it was made from) into `ours`
+    where the key exists and the shape matches; the others join `unused` with the reason."""
+    loaded = []
     with torch.no_grad():
-        for key, value in source.items():
-            target = _source_to_ours(key, deep_stem)
-            if target is None:
-                unused.append(f"{key} (7x7 stem, no counterpart in the deep stem)")
-            elif target not in ours:
-                unused.append(f"{key} (no such key)")
+        for target, value, keys in candidates:
+            if target not in ours:
+                unused += [f"{key} (no such key)" for key in keys]
             elif ours[target].shape != value.shape:
-                unused.append(f"{key} (shape {tuple(value.shape)} != {tuple(ours[target].shape)})")
+                unused += [f"{key} (shape {tuple(value.shape)} != {tuple(ours[target].shape)})" for key in keys]
             else:
                 ours[target].copy_(value)
                 loaded.append(target)
     missing = sorted(set(ours) - set(loaded))
-    return LoadReport(sorted(loaded), missing, sorted(unused))
+    return LoadReport(sorted(loaded), missing, sorted(set(unused)))
 
 
 def build_backbone(name: str, output_stride: int = 8) -> nn.Module:

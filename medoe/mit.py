@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medoe.backbones import LoadReport, read_state_dict
+from medoe.backbones import LoadReport, copy_matching, read_state_dict
 
 HEADS = (1, 2, 5, 8)
 SR_RATIOS = (8, 4, 2, 1)
@@ -266,15 +266,4 @@ def load_mit_weights(backbone: MixTransformer, path: str | Path) -> LoadReport:
             converted[target] = (torch.cat([parts["k"][0], parts["v"][0]]), [parts["k"][1], parts["v"][1]])
         else:
             unused += [f"{key} (its key/value counterpart is absent)" for _, key in parts.values()]
-    loaded = []
-    with torch.no_grad():
-        for target, (value, keys) in converted.items():
-            if target not in ours:
-                unused += [f"{key} (no such key)" for key in keys]
-            elif ours[target].shape != value.shape:
-                unused += [f"{key} (shape {tuple(value.shape)} != {tuple(ours[target].shape)})" for key in keys]
-            else:
-                ours[target].copy_(value)
-                loaded.append(target)
-    missing = sorted(set(ours) - set(loaded))
-    return LoadReport(sorted(loaded), missing, sorted(set(unused)))
+    return copy_matching(ours, [(target, value, keys) for target, (value, keys) in converted.items()], unused)
