@@ -196,21 +196,31 @@ def copy_matching(ours: dict[str, Tensor], candidates, unused: list[str]) -> Loa
 
 
 def build_backbone(name: str, output_stride: int = 8) -> nn.Module:
-    """ResNetC for the ResNet names, the Mix Transformer (medoe.mit) for mit_b0..mit_b5.
+    """ResNetC for the ResNet names, the Mix Transformer (medoe.mit) for mit_b0..mit_b5, HRNetV2
+    (medoe.hrnet) for hrnet_w18_small, hrnet_w18 and hrnet_w48.
 
-    Both return four stage maps and expose `channels`; MiT's strides are fixed (4, 8, 16, 32),
-    so `output_stride` only applies to ResNetC."""
+    All return a list of stage maps and expose `channels`; MiT's strides are fixed (4, 8, 16, 32),
+    HRNet's too (its four branches at 4, 8, 16, 32, then their stride-4 concatenation), so
+    `output_stride` only applies to ResNetC."""
     if name.startswith("mit_"):
         from medoe.mit import MixTransformer  # medoe.mit imports this module
 
         return MixTransformer(name)
+    if name.startswith("hrnet_"):
+        from medoe.hrnet import HRNet  # medoe.hrnet imports this module
+
+        return HRNet(name)
     return ResNetC(name, output_stride)
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
-    """`load_imagenet_weights` for ResNetC, `medoe.mit.load_mit_weights` for a Mix Transformer."""
+    """`load_imagenet_weights` for ResNetC, `medoe.mit.load_mit_weights` for a Mix Transformer,
+    `medoe.hrnet.load_hrnet_weights` for HRNet."""
+    from medoe.hrnet import HRNet, load_hrnet_weights
     from medoe.mit import MixTransformer, load_mit_weights
 
     if isinstance(backbone, MixTransformer):
         return load_mit_weights(backbone, path)
+    if isinstance(backbone, HRNet):
+        return load_hrnet_weights(backbone, path)
     return load_imagenet_weights(backbone, path)

@@ -24,7 +24,16 @@ from medoe.io import atomic_write_text
 
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
 MIXINGS = ("paper", "nested")
-BACKBONES = ("tiny", "resnet18c", "resnet50c", "resnet101c", *(f"mit_b{i}" for i in range(6)))  # mit_*: medoe.mit
+BACKBONES = (
+    "tiny",
+    "resnet18c",
+    "resnet50c",
+    "resnet101c",
+    *(f"mit_b{i}" for i in range(6)),
+    "hrnet_w18_small",
+    "hrnet_w18",
+    "hrnet_w48",
+)  # mit_*: medoe.mit, hrnet_*: medoe.hrnet
 CONTEXTS = ("aspp", "ppm", "ocr", "mlp", "light")  # mlp: SegFormer's all-MLP decoder (for the mit_* backbones)
 OPTIMIZERS = ("sgd", "adamw")
 DATASETS = (
@@ -64,8 +73,10 @@ class ModelConfig(_Checked):
     """What rebuilds the network: its shape, its classes and its input normalisation."""
 
     model: str = "medoe"  # medoe | baseline | focal | reweight (the last three: one decoder, differing in their loss)
-    backbone: str = "resnet50c"  # tiny | resnet18c | resnet50c | resnet101c | mit_b0..mit_b5 (Mix Transformer)
-    output_stride: int = 8  # 8 or 16: later ResNet stages are dilated instead of strided (mit_*: always 32)
+    # tiny | resnet18c | resnet50c | resnet101c | mit_b0..mit_b5 (Mix Transformer) | hrnet_w18_small | hrnet_w18 |
+    # hrnet_w48 (HRNetV2: OCRNet's backbone)
+    backbone: str = "resnet50c"
+    output_stride: int = 8  # 8 or 16: later ResNet stages are dilated instead of strided (mit_*: always 32; hrnet_*: 4)
     context: str = "aspp"  # context module of expert 1 (and of the baselines): aspp | ppm | ocr | mlp | light
     light_experts: bool = True  # experts 2..K use the light context module (paper: "a small number of convolutions")
     decoder_channels: int = 256  # width of every context module

@@ -268,3 +268,28 @@ def test_a_segformer_medoe_is_served_over_http_and_grpc(tmp_path):
             client.close()
     finally:
         handle.stop()
+
+
+def test_an_hrnet_ocrnet_medoe_is_served_over_http_and_grpc(tmp_path):
+    # OCRNet on HRNetV2 (five feature maps, the OCR head on their stride-4 concatenation) through export and Triton.
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "medoe", "ocr", "hrnet_w18_small")
+    repo = exported_repository(tmp_path, checkpoint, "--verify-sizes", "48x64")
+    images = random_images(1, 48, 64, seed=5)
+    expected = reference(repo, images)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    handle = start_server(repo, http_port, grpc_port, metrics_port, timeout=60)
+    try:
+        for module, url in ((httpclient, handle.http_url), (grpcclient, handle.grpc_url)):
+            client = module.InferenceServerClient(url)
+            tensor = module.InferInput("images", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images)
+            result = client.infer("medoe", [tensor])
+            np.testing.assert_array_equal(result.as_numpy("labels"), expected["labels"])
+            np.testing.assert_allclose(result.as_numpy("confidence"), expected["confidence"], atol=1e-6)
+            weights = result.as_numpy("expert_weights")
+            assert weights.shape[:2] == (1, 3) and weights.shape[2:] == (12, 16)  # stride 4: the concatenation's
+            labels = client.infer("segment", segment_request(module, png(images[0]))).as_numpy("labels")
+            np.testing.assert_array_equal(labels, expected["labels"][0])
+            client.close()
+    finally:
+        handle.stop()

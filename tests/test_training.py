@@ -143,3 +143,15 @@ def test_a_segformer_medoe_trains_with_the_transformer_recipe_and_evaluates(tmp_
     assert [(r["stage"], r["iter"]) for r in log] == [(1, 1), (1, 2), (1, 3), (2, 1)]
     assert log[0]["lr"] < log[1]["lr"] and all(np.isfinite(r["loss"]) for r in log)  # warming up
     assert {"mIoU", "groups", "oracle"} <= set(json.loads((work / "metrics.json").read_text()))
+
+
+def test_an_hrnet_ocrnet_medoe_trains_and_evaluates(tmp_path):
+    # OCRNet on HRNetV2 (the paper's pair): the OCR head and the light experts read the stride-4 concatenation.
+    config = write_small_config(tmp_path / "hrnet.json", backbone="hrnet_w18_small", context="ocr")
+    work = tmp_path / "run"
+    assert train.main(["--config", str(config), "--work-dir", str(work), "--iters", "2", "--stage2-iters", "1"]) == 0
+    log = read_log(work)
+    assert [(r["stage"], r["iter"]) for r in log] == [(1, 1), (1, 2), (2, 1)]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert json.loads((work / "final" / "config.json").read_text())["backbone"] == "hrnet_w18_small"
+    assert {"mIoU", "groups", "oracle"} <= set(json.loads((work / "metrics.json").read_text()))
