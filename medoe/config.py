@@ -88,6 +88,9 @@ class ModelConfig(_Checked):
     )
     # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
     mixing: str = "paper"
+    # tau of the post-hoc logit adjustment of the final probabilities, p(c) / prior(c)^tau with the
+    # training pixel frequency as prior (Menon et al. 2021): 0 = off (paper), 1 = balanced decision
+    output_balance: float = 0.0
     dropout: float = 0.1  # dropout before each 1x1 classifier
     num_classes: int = 19  # C; every expert predicts all C classes so outputs can be ensembled
     class_names: list[str] = field(default_factory=list)  # C names, index order
@@ -272,6 +275,7 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "std": ((lambda v: len(v) == 3 and all(x > 0 for x in v)), "a list of 3 finite numbers > 0 (RGB)"),
     "alpha": ((lambda v: 0 <= v <= 1), "a number in [0, 1]"),
     "expert_balance": ((lambda v: 0 <= v <= 2), "a number in [0, 2]"),
+    "output_balance": ((lambda v: 0 <= v <= 2), "a number in [0, 2]"),
     "stage2_holdout": ((lambda v: 0 <= v <= 0.5), "a number in [0, 0.5]"),
     "select_balance_power": ((lambda v: v >= 0), "a finite number >= 0"),
     "focal_gamma": ((lambda v: v >= 0), "a finite number >= 0"),

@@ -67,6 +67,19 @@ class SegmentationModel(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.backbone = build_backbone(config.backbone, config.output_stride)
+        if config.output_balance > 0:  # only then, so checkpoints without the adjustment load unchanged
+            self.register_buffer("class_log_prior", torch.zeros(config.num_classes))
+
+    def set_class_prior(self, pixel_counts) -> None:
+        """The training pixel frequency the output adjustment divides out; an absent class counts
+        as the rarest present one (a prior of zero would make it win wherever it has any mass)."""
+        counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+        counts = counts.clamp_min(counts[counts > 0].min().item() if bool((counts > 0).any()) else 1.0)
+        log_prior = (counts / counts.sum()).log().float()
+        if "class_log_prior" in self._buffers:
+            self.class_log_prior.copy_(log_prior)
+        else:  # a stage-1 model that stage 2 gives the adjustment
+            self.register_buffer("class_log_prior", log_prior.to(self.mean.device))
 
     def features(self, images: Tensor) -> list[Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -78,8 +91,22 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"images must be float (0..255 values), got {images.dtype}; call .float() first")
         return self.backbone((images - self.mean) / self.std)
 
+    def balanced(self, probs: Tensor) -> Tensor:
+        """[N, C, h, w] probabilities -> p(c|x) / prior(c)^tau, renormalised (tau = output_balance).
+
+        The argmax is then the decision of a class-balanced risk rather than of the training
+        distribution's (post-hoc logit adjustment, Menon et al. 2021): the rarest class keeps
+        its mass, the others shrink by their frequency ratio to it.
+        """
+        tau = self.config.output_balance
+        if tau <= 0:
+            return probs
+        scale = torch.exp(-tau * (self.class_log_prior - self.class_log_prior.min()))
+        probs = probs * scale.view(1, -1, 1, 1)
+        return probs / probs.sum(dim=1, keepdim=True)
+
     def _finish(self, probs: Tensor, size, expert_weights: Tensor | None) -> Segmentation:
-        probs = resize(probs, size)
+        probs = resize(self.balanced(probs), size)
         confidence, labels = probs.max(dim=1)
         return Segmentation(labels, confidence, probs, expert_weights)
 

@@ -286,3 +286,94 @@ def test_benchmark_report_names_every_section_and_goal():
     ):
         assert part in text
     assert goals_for("streets", {n: r for n, r in runs.items() if n != "reweight"}) == []
+
+
+def test_output_balance_divides_out_the_prior_by_hand():
+    model = nested_model(output_balance=0.5)
+    model.set_class_prior([800, 200, 0, 50])  # class 2 has no pixels: it counts as the rarest present one (50)
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1]).view(1, 4, 1, 1)
+    scale = torch.tensor([800, 200, 50, 50], dtype=torch.float).pow(-0.5)
+    expected = probs.flatten() * scale / (probs.flatten() * scale).sum()
+    torch.testing.assert_close(model.balanced(probs).flatten(), expected, atol=1e-6, rtol=0)
+    assert model.balanced(probs).flatten().argmax() == 2  # the head class no longer wins by its frequency
+    # Off (the paper), nothing changes and the model carries no prior: old checkpoints load unchanged.
+    plain = nested_model()
+    assert torch.equal(plain.balanced(probs), probs) and "class_log_prior" not in plain.state_dict()
+
+
+def test_output_balance_reaches_forward_evaluate_and_the_diagnostics():
+    config = TrainConfig.from_dict(
+        dict(
+            backbone="tiny",
+            decoder_channels=8,
+            decision_hidden=8,
+            num_classes=14,
+            mixing="nested",
+            synthetic_size=[32, 64],
+            synthetic_val_images=4,
+            crop_size=[32, 32],
+            output_balance=1.0,
+        )
+    )
+    from medoe.class_stats import ClassStats
+
+    dataset = get_dataset(config, "val")
+    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
+    torch.manual_seed(0)
+    model = MEDOE(config.network)
+    model.set_groups(stats.groups(config.network.group_thresholds))
+    model.set_class_prior(stats.pixel_counts)
+    images = torch.stack([dataset[i][0] for i in range(2)])
+    result = model(images)
+    torch.testing.assert_close(result.probs.sum(1), torch.ones(2, 32, 64), atol=1e-5, rtol=0)
+    unbalanced = MEDOE(config.network.replace(output_balance=0.0))
+    unbalanced.load_state_dict({k: v for k, v in model.state_dict().items() if k != "class_log_prior"})
+    assert not torch.equal(model(images).labels, unbalanced(images).labels)  # the adjustment moved decisions
+    report = expert_diagnostics(model, dataset, "cpu", config, stats)
+    metrics = evaluate(model, dataset, "cpu", config, stats)
+    assert report["rules"]["moe"]["mIoU"] == pytest.approx(metrics["mIoU"], abs=1e-6)
+    assert report["rules"]["oracle"]["mIoU"] == pytest.approx(metrics["oracle"]["mIoU"], abs=1e-6)
+
+
+def test_stage2_gives_a_stage1_model_the_output_balance_and_it_round_trips(tmp_path):
+    values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
+    values.update(
+        synthetic_size=[32, 64],
+        crop_size=[32, 32],
+        synthetic_train_images=12,
+        synthetic_val_images=2,
+        batch_size=2,
+        num_workers=0,
+    )
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    work = tmp_path / "run"
+    common = ["--config", str(path), "--work-dir", str(work), "--iters", "2", "--stage2-iters", "2", "--no-eval"]
+    assert train.main(common) == 0
+    assert train.main([*common, "--stage", "2", "--output-balance", "0.5"]) == 0
+    from medoe.checkpoint import load_checkpoint
+    from medoe.class_stats import ClassStats
+
+    checkpoint = load_checkpoint(work / "final")
+    assert checkpoint.config.output_balance == 0.5
+    counts = torch.tensor(ClassStats.load(work / "class_stats.json").pixel_counts, dtype=torch.float64)
+    counts = counts.clamp_min(counts[counts > 0].min())
+    torch.testing.assert_close(checkpoint.model.class_log_prior, (counts / counts.sum()).log().float())
+    # The adjustment is part of the one exported graph: onnxruntime agrees with eager.
+    from export.to_onnx import main as export_main
+
+    assert (
+        export_main(
+            [
+                "--checkpoint",
+                str(work / "final"),
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--verify-sizes",
+                "40x56",
+                "--verify-batches",
+                "1",
+            ]
+        )
+        == 0
+    )

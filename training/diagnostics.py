@@ -77,12 +77,17 @@ def expert_diagnostics(
         oracle = torch.nn.functional.one_hot(owner.clamp(0, k - 1), k).permute(0, 3, 1, 2).to(full.dtype)
         best = full.max(2)  # each expert's top probability and class: [N, K, H, W] each
         rules = _ensembles(full, sets, best)
+        # Each expert alone, the MOE and the oracle pass through the model's output adjustment
+        # (model.balanced; none by default), so their differences are the mixing's alone.
+        # The paper's Table 6 rules stay on the raw probabilities, as the paper defines them.
+        for i in range(k):
+            rules[f"expert{i + 1}"] = model.balanced(full[:, i]).argmax(1)
         # As the model computes them: mixed at decoder resolution, then resized.
-        rules["moe"] = resize((weights.unsqueeze(2) * mixed).sum(1), size).argmax(1)
+        rules["moe"] = resize(model.balanced((weights.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
         if model.config.mixing == "nested":
             prior = torch.softmax(model.group_prior_logits(probs), dim=1)
-            rules["group_prior"] = resize((prior.unsqueeze(2) * mixed).sum(1), size).argmax(1)
-        rules["oracle"] = (oracle.unsqueeze(2) * full_mixed).sum(1).argmax(1)
+            rules["group_prior"] = resize(model.balanced((prior.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
+        rules["oracle"] = model.balanced((oracle.unsqueeze(2) * full_mixed).sum(1)).argmax(1)
         weights = resize(weights, size)
         for name, predicted in rules.items():
             matrices.setdefault(name, ConfusionMatrix(c, ignore, device)).update(predicted, labels)

@@ -80,6 +80,15 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--stage2-holdout", type=float, help="share of training images held back from stage 1 for stage 2 (0 = off)"
     )
+    parser.add_argument(
+        "--output-balance", type=float, help="tau of the post-hoc adjustment p(c) / prior(c)^tau (0 = off)"
+    )
+    parser.add_argument(
+        "--stop-gradient",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="experts 2..K see detached features (off: their losses train the backbone too)",
+    )
     parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
     parser.add_argument(
         "--mixing", choices=["paper", "nested"], help="how the experts are combined (docs/method.md §8)"
@@ -122,6 +131,8 @@ def config_from_args(args) -> TrainConfig:
         "stage2_holdout": args.stage2_holdout,
         "decision_kernel": args.decision_kernel,
         "mixing": args.mixing,
+        "output_balance": args.output_balance,
+        "stop_gradient": args.stop_gradient,
     }
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -129,7 +140,7 @@ def config_from_args(args) -> TrainConfig:
 # What stage 2 alone may change on a stage-1 checkpoint (of the run, of the network); the rest
 # (the held-back images included) was fixed when stage 1 ran.
 STAGE2_RUN_FIELDS = ("select_balance", "select_balance_power", "stage2_iters", "stage2_lr")
-STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "mixing")
+STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "mixing", "output_balance")
 
 
 def stage2_run(stage1: TrainConfig, requested: TrainConfig) -> TrainConfig:
@@ -333,6 +344,8 @@ def main(argv=None) -> int:
             model = build_model(config.network, config.pretrained).to(device)
             if config.network.is_medoe:
                 model.set_groups(stats.groups(config.network.group_thresholds))
+        if config.network.output_balance > 0:
+            model.set_class_prior(stats.pixel_counts)
         stages = ([1, 2] if args.stage is None else [args.stage]) if config.network.is_medoe else [1]
         holdout = config.stage2_holdout if config.network.is_medoe else 0.0
         stage_sets = dict(zip((1, 2), split_holdout(train_set, holdout, config.seed), strict=True))
