@@ -108,9 +108,10 @@ def markdown(report: dict) -> list[str]:
     lines += [
         "Percent. `medoe_paper` is the paper's recipe (plain CE experts, stage 2 on stage 1's images, a 1x1 "
         "decision maker, p = sum s_k p_k); `medoe` the shipped one (the same stage 1, selection targets "
-        "balanced by share^-0.5); `medoe_levers` every lever of docs/method.md §8 (nested mixing, stage-2 "
-        "holdout 0.2, logit-adjusted experts, 3x3 decision maker, balanced selection). Issue 12's goals are "
-        "the shipped run's; `medoe_levers`' are listed beside them.",
+        "balanced by share^-0.5); `medoe_nested` the same experts mixed by nested mixing with a 3x3 decision "
+        "maker on the true group frequencies; `medoe_levers` every lever of docs/method.md §8 (nested mixing, "
+        "stage-2 holdout 0.2, logit-adjusted experts, 3x3 decision maker, balanced selection). Issue 12's goals "
+        "are the shipped run's; the other variants' are listed beside them.",
         "",
     ]
     for domain, d in report["domains"].items():
@@ -127,7 +128,7 @@ def markdown(report: dict) -> list[str]:
             "|---|---:|---:|",
         ]
         lines += [f"| {n} | {r['params']:,} | {d['train_seconds'].get(n, float('nan')):.0f} |" for n, r in runs.items()]
-        for name in [n for n in ("medoe_paper", "medoe", "medoe_levers") if n in runs]:
+        for name in [n for n in ("medoe_paper", "medoe", "medoe_nested", "medoe_levers") if n in runs]:
             diag = runs[name]
             lines += [
                 "",
