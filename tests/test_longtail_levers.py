@@ -133,7 +133,8 @@ def test_diagnostics_agree_with_evaluate(mixing):
         assert 0 <= e["selection_accuracy"] <= 100 and 0 <= e["ece"] <= 100
 
 
-def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
+def tiny_run(tmp_path, **changes) -> tuple[list[str], object]:
+    """train.py arguments of a two-iteration run of the synthetic config at 32x64, and its work dir."""
     values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
     values.update(
         synthetic_size=[32, 64],
@@ -142,14 +143,16 @@ def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
         synthetic_val_images=2,
         batch_size=2,
         num_workers=0,
-        decision_kernel=1,
-        stage2_holdout=0.25,
-        expert_balance=1.0,
+        **changes,
     )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(values))
     work = tmp_path / "run"
-    common = ["--config", str(path), "--work-dir", str(work), "--iters", "2", "--stage2-iters", "2", "--no-eval"]
+    return ["--config", str(path), "--work-dir", str(work), "--iters", "2", "--stage2-iters", "2", "--no-eval"], work
+
+
+def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
+    common, work = tiny_run(tmp_path, decision_kernel=1, stage2_holdout=0.25, expert_balance=1.0)
     assert train.main(common) == 0
     first = json.loads((work / "final" / "config.json").read_text())
     assert first["decision_kernel"] == 1 and first["stage2_holdout"] == 0.25 and first["expert_balance"] == 1.0
@@ -336,19 +339,7 @@ def test_output_balance_reaches_forward_evaluate_and_the_diagnostics():
 
 
 def test_stage2_gives_a_stage1_model_the_output_balance_and_it_round_trips(tmp_path):
-    values = json.loads(open("configs/deeplabv3plus_tiny_synthetic_cpu.json").read())
-    values.update(
-        synthetic_size=[32, 64],
-        crop_size=[32, 32],
-        synthetic_train_images=12,
-        synthetic_val_images=2,
-        batch_size=2,
-        num_workers=0,
-    )
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(values))
-    work = tmp_path / "run"
-    common = ["--config", str(path), "--work-dir", str(work), "--iters", "2", "--stage2-iters", "2", "--no-eval"]
+    common, work = tiny_run(tmp_path)
     assert train.main(common) == 0
     assert train.main([*common, "--stage", "2", "--output-balance", "0.5"]) == 0
     from medoe.checkpoint import load_checkpoint
