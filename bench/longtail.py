@@ -1,7 +1,7 @@
 """The long-tail benchmark: baselines and MEDOE with the same backbone, data and budget, on two
 generated domains (street scenes and aerial suburbs), evaluated on their held-out `test` splits.
 
-    python -m bench.longtail                  # 300 + 200 iterations: ~90 minutes on 2 cores (estimated)
+    python -m bench.longtail                  # 300 + 200 iterations: ~45 minutes on 2 quiet cores (estimated)
     python -m bench.longtail --alpha-sweep    # + Figure 5 (three more MEDOE runs)
     python -m bench.longtail --split val --out-dir work/tune        # for tuning
     python -m bench.longtail --device cuda --iters 8000
@@ -95,7 +95,7 @@ MEDOE_RUNS = {
 SHARES_STAGE1 = {"medoe": "medoe_paper", "medoe_nested": "medoe_paper"}
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
-# The CPU budget: every run, both domains, in an estimated 90 minutes on the 2-core machine.
+# The CPU budget: every run, both domains, in an estimated 45 minutes on 2 quiet cores (60 at most, issue 12).
 CPU_ITERS, CPU_STAGE2_ITERS = 300, 200
 STAGE2_TRAIN_IMAGES = 50  # of the decision maker's own training images, for train-vs-held-out selection
 
