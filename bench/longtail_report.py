@@ -128,7 +128,7 @@ def markdown(report: dict) -> list[str]:
             "|---|---:|---:|",
         ]
         lines += [f"| {n} | {r['params']:,} | {d['train_seconds'].get(n, float('nan')):.0f} |" for n, r in runs.items()]
-        for name in [n for n in ("medoe_paper", "medoe", "medoe_nested", "medoe_levers") if n in runs]:
+        for name in [n for n in runs if n.startswith("medoe") and not n.startswith("medoe_alpha")]:
             diag = runs[name]
             lines += [
                 "",

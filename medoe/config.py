@@ -141,6 +141,7 @@ class TrainConfig(_Checked):
     expert_balance: float = (
         0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
     )
+    expert_reweight: bool = False  # each expert's CE weighted by 1/sqrt(class frequency) inside its S_k (as reweight)
     stage2_holdout: float = 0.0  # share of training images stage 1 never sees; stage 2 learns on them only (0 = paper)
     select_balance: bool = False  # stage 2: inverse-frequency weights on the K selection targets
     select_balance_power: float = 1.0  # those weights are share_k ** -power (1 = inverse frequency, 0.5 = inverse sqrt)

@@ -63,14 +63,20 @@ def _in_set_mask(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: i
     return valid & in_set[safe], valid, safe
 
 
-def masked_ce(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255) -> Tensor:
+def masked_ce(
+    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255, class_weights: Tensor | None = None
+) -> Tensor:
     mask, _, safe = _in_set_mask(logits, target, in_set, ignore_index)
     count = int(mask.sum())
     if count == 0:
         return _zero(logits)
     # Softmax is over all C classes; only the supervised pixels are restricted to S_k.
     per_pixel = F.cross_entropy(logits, safe, reduction="none")
-    return (per_pixel * mask).sum() / count
+    if class_weights is None:
+        return (per_pixel * mask).sum() / count
+    # PyTorch's weighted mean over the supervised pixels, as weighted_ce.
+    weight = class_weights.to(device=logits.device, dtype=logits.dtype)[safe] * mask
+    return (per_pixel * weight).sum() / weight.sum().clamp_min(torch.finfo(weight.dtype).tiny)
 
 
 def l2_suppression(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255) -> Tensor:
@@ -135,10 +141,11 @@ def expert_loss(
     alpha: float = 0.2,
     ignore_index: int = 255,
     adjustment: Tensor | None = None,
+    class_weights: Tensor | None = None,
 ) -> ExpertLoss:
     if adjustment is not None:  # CE and KL see the adjusted logits; L2 acts on classes outside S_k, where it is 0
         logits = logits + adjustment.to(logits.dtype).view(1, -1, 1, 1)
-    ce = masked_ce(logits, target, in_set, ignore_index)
+    ce = masked_ce(logits, target, in_set, ignore_index, class_weights)
     l2 = l2_suppression(logits, target, in_set, ignore_index)
     kl = kl_to_label_histogram(logits, target, in_set, ignore_index)
     return ExpertLoss(ce + alpha * (l2 + kl), ce, l2, kl)
@@ -151,21 +158,24 @@ def stage1_loss(
     alpha: float = 0.2,
     ignore_index: int = 255,
     adjustments: Tensor | None = None,
+    class_weights: Tensor | None = None,
 ) -> tuple[Tensor, list[ExpertLoss]]:
     if expert_sets.dim() != 2 or len(expert_logits) != expert_sets.shape[0]:
         raise ValueError(
             f"got {len(expert_logits)} expert logits but expert_sets has shape {tuple(expert_sets.shape)}; "
             "pass one logits tensor per row of expert_sets"
         )
-    if adjustments is not None and adjustments.shape != expert_sets.shape:
-        raise ValueError(
-            f"adjustments has shape {tuple(adjustments.shape)}, expected {tuple(expert_sets.shape)} (one row per "
-            "expert)"
-        )
-    rows = [None] * len(expert_logits) if adjustments is None else list(adjustments)
+    for name, per_expert in (("adjustments", adjustments), ("class_weights", class_weights)):
+        if per_expert is not None and per_expert.shape != expert_sets.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(per_expert.shape)}, expected {tuple(expert_sets.shape)} (one row per expert)"
+            )
+    none = [None] * len(expert_logits)
+    rows = none if adjustments is None else list(adjustments)
+    weights = none if class_weights is None else list(class_weights)
     parts = [
-        expert_loss(z, target, s, alpha, ignore_index, a)
-        for z, s, a in zip(expert_logits, expert_sets, rows, strict=True)
+        expert_loss(z, target, s, alpha, ignore_index, a, w)
+        for z, s, a, w in zip(expert_logits, expert_sets, rows, weights, strict=True)
     ]
     total = torch.stack([p.total for p in parts]).sum()
     return total, parts
@@ -246,6 +256,20 @@ def weighted_ce(logits: Tensor, target: Tensor, class_weights: Tensor, ignore_in
     weights = class_weights.to(device=logits.device, dtype=logits.dtype)
     # PyTorch's weighted mean (divides by the summed weights of the valid pixels).
     return F.cross_entropy(logits, target.long(), weight=weights, ignore_index=ignore_index)
+
+
+def expert_reweights(pixel_counts: Sequence[int] | Tensor, expert_sets: Tensor) -> Tensor:
+    """[K, C] class weights for each expert's CE: the reweight baseline's 1/sqrt(frequency), taken
+    over S_k alone (mean 1 there, 0 outside), so every expert is re-weighted inside its own set and
+    expert 1, whose set is every class, has exactly the reweight baseline's loss."""
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    weights = torch.zeros(expert_sets.shape, dtype=torch.float32)
+    for k, in_set in enumerate(expert_sets.cpu()):
+        if counts[in_set].sum() > 0:
+            weights[k, in_set] = inverse_sqrt_frequency_weights(counts[in_set])
+        else:  # no training pixel in S_k: its CE is empty anyway
+            weights[k, in_set] = 1.0
+    return weights.to(expert_sets.device)
 
 
 def inverse_sqrt_frequency_weights(pixel_counts: Sequence[int] | Tensor) -> Tensor:

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 
 from medoe.class_stats import expert_sets
 from medoe.config import ModelConfig, TrainConfig
-from medoe.losses import expert_log_priors, expert_loss, masked_ce
+from medoe.losses import (
+    expert_log_priors,
+    expert_loss,
+    expert_reweights,
+    inverse_sqrt_frequency_weights,
+    masked_ce,
+    stage1_loss,
+    weighted_ce,
+)
 from medoe.model import MEDOE, DecisionMaker
 from training import train
 from training.common import SeededBatches, get_dataset, split_holdout
@@ -51,6 +59,31 @@ def test_adjusted_expert_loss_is_balanced_softmax():
     assert plain.ce.item() == pytest.approx(masked_ce(logits, target, SETS[0]).item(), rel=1e-6)
     rare = torch.full_like(target, 3)
     assert expert_loss(logits, rare, SETS[0], adjustment=adjust[0]).ce > expert_loss(logits, rare, SETS[0]).ce
+
+
+def test_expert_reweights_are_the_reweight_baselines_inside_each_set():
+    weights = expert_reweights(COUNTS, SETS)
+    # Row k: 1/sqrt(frequency within S_k), mean 1 over S_k, 0 outside it.
+    for k, in_set in enumerate(SETS):
+        counts = torch.tensor(COUNTS, dtype=torch.float)[in_set]
+        expected = (counts / counts.sum()).rsqrt()
+        torch.testing.assert_close(weights[k, in_set], expected / expected.mean(), atol=1e-6, rtol=0)
+        assert (weights[k, ~in_set] == 0).all()
+    torch.testing.assert_close(weights[0], inverse_sqrt_frequency_weights(COUNTS))
+    assert (expert_reweights([5, 0, 0, 0], SETS)[2] == torch.tensor([0.0, 0.0, 1.0, 1.0])).all()  # no pixels in S_3
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5)
+    target = torch.randint(0, 4, (2, 3, 5))
+    target[0, 0, 0] = 255
+    # Expert 1's re-weighted CE is exactly the reweight baseline's loss.
+    ce = masked_ce(logits, target, SETS[0], class_weights=weights[0])
+    assert ce.item() == pytest.approx(weighted_ce(logits, target, weights[0]).item(), rel=1e-6)
+    assert ce.item() != pytest.approx(masked_ce(logits, target, SETS[0]).item(), rel=1e-3)
+    total, parts = stage1_loss([logits] * 3, target, SETS, alpha=0.0, class_weights=weights)
+    assert parts[0].ce.item() == pytest.approx(ce.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="class_weights has shape"):
+        stage1_loss([logits] * 3, target, SETS, class_weights=weights[:2])
 
 
 def test_holdout_split_is_disjoint_seeded_and_off_at_zero():
@@ -153,9 +186,10 @@ def tiny_run(tmp_path, **changes) -> tuple[list[str], object]:
 
 def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
     common, work = tiny_run(tmp_path, decision_kernel=1, stage2_holdout=0.25, expert_balance=1.0)
-    assert train.main(common) == 0
+    assert train.main([*common, "--expert-reweight"]) == 0
     first = json.loads((work / "final" / "config.json").read_text())
     assert first["decision_kernel"] == 1 and first["stage2_holdout"] == 0.25 and first["expert_balance"] == 1.0
+    assert first["expert_reweight"] is True
     assert train.main([*common, "--stage", "2", "--decision-kernel", "3", "--no-select-balance"]) == 0
     second = json.loads((work / "final" / "config.json").read_text())
     assert second["decision_kernel"] == 3 and second["select_balance"] is False
@@ -173,6 +207,28 @@ def nested_model(**changes):
     model = MEDOE(config)
     model.set_groups([[0], [1], [2, 3]])
     return model
+
+
+def tiny_val_split(**changes):
+    """A 14-class tiny network's run, its 4 `val` images and their class statistics."""
+    from medoe.class_stats import ClassStats
+
+    config = TrainConfig.from_dict(
+        dict(
+            backbone="tiny",
+            decoder_channels=8,
+            decision_hidden=8,
+            num_classes=14,
+            mixing="nested",
+            synthetic_size=[32, 64],
+            synthetic_val_images=4,
+            crop_size=[32, 32],
+            **changes,
+        )
+    )
+    dataset = get_dataset(config, "val")
+    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
+    return config, dataset, stats
 
 
 def test_group_prior_is_the_chain_rule_by_hand():
@@ -210,23 +266,9 @@ def test_nested_forward_is_a_distribution_and_the_paper_mixing_is_unchanged():
 def test_benchmark_report_names_every_section_and_goal():
     from bench.longtail_report import goals_for, markdown
     from bench.report import machine_info
-    from medoe.class_stats import ClassStats
     from medoe.model import BaselineModel
 
-    config = TrainConfig.from_dict(
-        dict(
-            backbone="tiny",
-            decoder_channels=8,
-            decision_hidden=8,
-            num_classes=14,
-            mixing="nested",
-            synthetic_size=[32, 64],
-            synthetic_val_images=4,
-            crop_size=[32, 32],
-        )
-    )
-    dataset = get_dataset(config, "val")
-    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
+    config, dataset, stats = tiny_val_split()
     torch.manual_seed(0)
     runs = {}
     for name in ("baseline", "reweight"):
@@ -305,23 +347,7 @@ def test_output_balance_divides_out_the_prior_by_hand():
 
 
 def test_output_balance_reaches_forward_evaluate_and_the_diagnostics():
-    config = TrainConfig.from_dict(
-        dict(
-            backbone="tiny",
-            decoder_channels=8,
-            decision_hidden=8,
-            num_classes=14,
-            mixing="nested",
-            synthetic_size=[32, 64],
-            synthetic_val_images=4,
-            crop_size=[32, 32],
-            output_balance=1.0,
-        )
-    )
-    from medoe.class_stats import ClassStats
-
-    dataset = get_dataset(config, "val")
-    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
+    config, dataset, stats = tiny_val_split(output_balance=1.0)
     torch.manual_seed(0)
     model = MEDOE(config.network)
     model.set_groups(stats.groups(config.network.group_thresholds))

@@ -28,6 +28,7 @@ from medoe.config import CONFIG_DIR, DATASETS, ModelConfig, TrainConfig, load_co
 from medoe.data import DatasetError
 from medoe.losses import (
     expert_log_priors,
+    expert_reweights,
     focal_loss,
     inverse_sqrt_frequency_weights,
     selection_balance_weights,
@@ -76,6 +77,12 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
     parser.add_argument(
         "--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)"
+    )
+    parser.add_argument(
+        "--expert-reweight",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weight each expert's CE by 1/sqrt(class frequency) inside its set (the reweight baseline's loss)",
     )
     parser.add_argument(
         "--stage2-holdout", type=float, help="share of training images held back from stage 1 for stage 2 (0 = off)"
@@ -128,6 +135,7 @@ def config_from_args(args) -> TrainConfig:
         "num_workers": args.workers,
         "alpha": args.alpha,
         "expert_balance": args.expert_balance,
+        "expert_reweight": args.expert_reweight,
         "stage2_holdout": args.stage2_holdout,
         "decision_kernel": args.decision_kernel,
         "mixing": args.mixing,
@@ -174,13 +182,23 @@ class StageLoss(nn.Module):
         if config.network.is_medoe and config.expert_balance > 0:
             adjustments = expert_log_priors(stats.pixel_counts, model.expert_sets(), config.expert_balance)
         self.register_buffer("adjustments", adjustments, persistent=False)
+        expert_weights = None
+        if config.network.is_medoe and config.expert_reweight:
+            expert_weights = expert_reweights(stats.pixel_counts, model.expert_sets())
+        self.register_buffer("expert_weights", expert_weights, persistent=False)
 
     def forward(self, images, labels) -> tuple[torch.Tensor, dict[str, float]]:
         model, config, size = self.model, self.config, labels.shape[-2:]
         if config.network.is_medoe and self.stage == 1:
             logits = [resize(z, size) for z in model.expert_logits(images)]
             total, parts = stage1_loss(
-                logits, labels, model.expert_sets(), config.alpha, config.network.ignore_index, self.adjustments
+                logits,
+                labels,
+                model.expert_sets(),
+                config.alpha,
+                config.network.ignore_index,
+                self.adjustments,
+                self.expert_weights,
             )
             return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
         if config.network.is_medoe:
