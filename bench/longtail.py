@@ -93,9 +93,19 @@ MEDOE_RUNS = {
     # loss), combined as the paper does and by nested mixing.
     "medoe_reweighted": ["--model", "medoe", *PAPER, "--expert-reweight"],
     "medoe_reweighted_nested": ["--model", "medoe", *NESTED, "--expert-reweight"],
+    # Those two stage 2s with a decision maker that also reads the backbone's last map.
+    "medoe_reweighted_features": ["--model", "medoe", *PAPER, "--expert-reweight", "--decision-features"],
+    "medoe_reweighted_nested_features": ["--model", "medoe", *NESTED, "--expert-reweight", "--decision-features"],
 }
 # These differ from another run in stage 2 only and reuse its stage 1.
-SHARES_STAGE1 = {"medoe": "medoe_paper", "medoe_nested": "medoe_paper", "medoe_reweighted_nested": "medoe_reweighted"}
+SHARES_STAGE1 = {
+    "medoe": "medoe_paper",
+    "medoe_nested": "medoe_paper",
+    **{
+        name: "medoe_reweighted"
+        for name in ("medoe_reweighted_nested", "medoe_reweighted_features", "medoe_reweighted_nested_features")
+    },
+}
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
 # The CPU budget: every run, both domains, in an estimated 45 minutes on 2 quiet cores (60 at most, issue 12).

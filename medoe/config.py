@@ -86,6 +86,7 @@ class ModelConfig(_Checked):
     decision_kernel: int = (
         1  # its first conv's size: 1 = one pixel's K*C probabilities (paper), 3 = a 3x3 neighbourhood
     )
+    decision_features: bool = False  # the decision maker also reads the backbone's last map (1x1-projected)
     # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
     mixing: str = "paper"
     # tau of the post-hoc logit adjustment of the final probabilities, p(c) / prior(c)^tau with the

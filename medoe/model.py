@@ -27,6 +27,11 @@ class Segmentation(NamedTuple):
     expert_weights: Tensor | None  # [N, K, h, w] MOE weights at decoder resolution; None for baselines
 
 
+class ExpertOutputs(NamedTuple):
+    probs: Tensor  # [N, K, C, h, w] every expert's softmax at expert 1's resolution
+    features: Tensor  # [N, F, h', w'] the backbone's last map, which the decision maker may also read
+
+
 class Expert(nn.Module):
     def __init__(self, context: nn.Module, num_classes: int, dropout: float):
         super().__init__()
@@ -42,20 +47,30 @@ class DecisionMaker(nn.Module):
     """Stage 2: `kxk conv (K*C -> hidden) -> ReLU -> 1x1 conv (hidden -> K)`.
 
     k = 1 is the paper's per-pixel decision; k = 3 also sees the neighbours' expert outputs,
-    so a pixel inside an object the tail expert is sure about can follow that object.
+    so a pixel inside an object the tail expert is sure about can follow that object. With
+    `feature_channels`, a 1x1 projection of the backbone's last map is added to the first
+    layer's output: the decision then sees what the pixel looks like, not only what the
+    experts say about it.
     """
 
-    def __init__(self, num_experts: int, num_classes: int, hidden: int, kernel: int = 1):
+    def __init__(self, num_experts: int, num_classes: int, hidden: int, kernel: int = 1, feature_channels: int = 0):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(num_experts * num_classes, hidden, kernel, padding=kernel // 2),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, num_experts, 1),
         )
+        # Only when on, so checkpoints without it keep their keys.
+        self.project = nn.Conv2d(feature_channels, hidden, 1) if feature_channels else None
 
-    def forward(self, expert_probs: Tensor) -> Tensor:
-        # [N, K, C, h, w] -> selection logits [N, K, h, w]
-        return self.net(expert_probs.flatten(1, 2))
+    def forward(self, expert_probs: Tensor, features: Tensor | None = None) -> Tensor:
+        # [N, K, C, h, w] (+ [N, F, h', w']) -> selection logits [N, K, h, w]
+        hidden = self.net[0](expert_probs.flatten(1, 2))
+        if self.project is not None:
+            if features is None:
+                raise ValueError("this decision maker reads the backbone features too: pass them")
+            hidden = hidden + resize(self.project(features), hidden.shape[-2:])
+        return self.net[2](self.net[1](hidden))
 
 
 class SegmentationModel(nn.Module):
@@ -155,9 +170,15 @@ class MEDOE(SegmentationModel):
         self.stage = 1
         self.set_stage(1)
 
-    @staticmethod
-    def new_decision_maker(config: ModelConfig) -> DecisionMaker:
-        decision = DecisionMaker(config.num_experts, config.num_classes, config.decision_hidden, config.decision_kernel)
+    def new_decision_maker(self, config: ModelConfig) -> DecisionMaker:
+        """A fresh decision maker for this model's backbone, shaped by `config`'s stage-2 fields."""
+        decision = DecisionMaker(
+            config.num_experts,
+            config.num_classes,
+            config.decision_hidden,
+            config.decision_kernel,
+            self.backbone.channels[-1] if config.decision_features else 0,
+        )
         if config.mixing == "nested":  # start from the chain-rule prior alone
             nn.init.zeros_(decision.net[-1].weight)
             nn.init.zeros_(decision.net[-1].bias)
@@ -185,7 +206,9 @@ class MEDOE(SegmentationModel):
 
     def expert_logits(self, images: Tensor) -> list[Tensor]:
         """Stage 1: every expert's logits, all at expert 1's (decoder) resolution."""
-        features = self.features(images)
+        return self._expert_logits(self.features(images))
+
+    def _expert_logits(self, features: list[Tensor]) -> list[Tensor]:
         # Experts 2..K read detached features: "the head expert updates the backbone".
         detached = [f.detach() for f in features] if self.config.stop_gradient else features
         logits = [self.experts[0](features)]
@@ -193,8 +216,14 @@ class MEDOE(SegmentationModel):
         logits += [resize(expert(detached), size) for expert in self.experts[1:]]
         return logits
 
+    def expert_outputs(self, images: Tensor) -> ExpertOutputs:
+        """What stage 2 decides from: the experts' probabilities and the backbone's last map."""
+        features = self.features(images)
+        probs = torch.stack([torch.softmax(z, dim=1) for z in self._expert_logits(features)], dim=1)
+        return ExpertOutputs(probs, features[-1])
+
     def expert_probs(self, images: Tensor) -> Tensor:
-        return torch.stack([torch.softmax(z, dim=1) for z in self.expert_logits(images)], dim=1)
+        return self.expert_outputs(images).probs
 
     def group_masks(self) -> Tensor:
         # G_k = the classes expert k owns (S_k minus S_{k+1}): [K, C] bool
@@ -232,15 +261,16 @@ class MEDOE(SegmentationModel):
         kept = expert_probs * groups
         return kept / kept.sum(dim=2, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
 
-    def selection_logits(self, expert_probs: Tensor) -> Tensor:
+    def selection_logits(self, expert_probs: Tensor, features: Tensor | None = None) -> Tensor:
+        """[N, K, h, w]; `features` (ExpertOutputs.features) only matter with decision_features."""
         if self.config.mixing == "paper":
-            return self.decision(expert_probs)
+            return self.decision(expert_probs, features)
         # The decision maker learns a correction to the chain-rule prior (zero at initialisation).
-        return self.group_prior_logits(expert_probs) + self.decision(expert_probs)
+        return self.group_prior_logits(expert_probs) + self.decision(expert_probs, features)
 
     def forward(self, images: Tensor) -> Segmentation:
-        expert_probs = self.expert_probs(images)  # [N, K, C, h, w]
-        weights = torch.softmax(self.selection_logits(expert_probs), dim=1)  # [N, K, h, w]
+        expert_probs, features = self.expert_outputs(images)  # [N, K, C, h, w], [N, F, h', w']
+        weights = torch.softmax(self.selection_logits(expert_probs, features), dim=1)  # [N, K, h, w]
         # p_final = sum_k s_k q_k; the weights sum to 1 so p_final is a distribution.
         probs = (weights.unsqueeze(2) * self.expert_distributions(expert_probs)).sum(dim=1)
         return self._finish(probs, images.shape[-2:], weights)

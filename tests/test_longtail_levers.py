@@ -115,6 +115,19 @@ def test_decision_kernel_three_sees_neighbours():
         assert (not torch.allclose(a[..., 2, 2], b[..., 2, 2])) == changes
 
 
+def test_decision_features_reach_the_decision_and_are_absent_when_off():
+    torch.manual_seed(0)
+    probs, features = torch.rand(1, 3, 4, 5, 5), torch.randn(1, 6, 3, 3)  # features at a coarser stride
+    decision = DecisionMaker(3, 4, hidden=8, feature_channels=6)
+    a, b = decision(probs, features), decision(probs, features + 1)
+    assert a.shape == (1, 3, 5, 5) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="reads the backbone features"):
+        decision(probs)
+    plain = DecisionMaker(3, 4, hidden=8)
+    assert not any(key.startswith("project") for key in plain.state_dict())  # older checkpoints keep their keys
+    assert torch.equal(plain(probs), plain(probs, features))
+
+
 def test_user_specified_ensembles_by_hand():
     # One pixel, K=3 experts, C=3 classes; S_1 = all, S_2 = {1, 2}, S_3 = {2}.
     sets = expert_sets([[0], [1], [2]], 3)
@@ -364,19 +377,21 @@ def test_output_balance_reaches_forward_evaluate_and_the_diagnostics():
     assert report["rules"]["oracle"]["mIoU"] == pytest.approx(metrics["oracle"]["mIoU"], abs=1e-6)
 
 
-def test_stage2_gives_a_stage1_model_the_output_balance_and_it_round_trips(tmp_path):
+def test_stage2_gives_a_stage1_model_output_balance_and_decision_features_and_they_round_trip(tmp_path):
     common, work = tiny_run(tmp_path)
     assert train.main(common) == 0
-    assert train.main([*common, "--stage", "2", "--output-balance", "0.5"]) == 0
+    assert train.main([*common, "--stage", "2", "--output-balance", "0.5", "--decision-features"]) == 0
     from medoe.checkpoint import load_checkpoint
     from medoe.class_stats import ClassStats
 
     checkpoint = load_checkpoint(work / "final")
-    assert checkpoint.config.output_balance == 0.5
+    assert checkpoint.config.output_balance == 0.5 and checkpoint.config.decision_features
+    assert checkpoint.model.decision.project.in_channels == checkpoint.model.backbone.channels[-1]
     counts = torch.tensor(ClassStats.load(work / "class_stats.json").pixel_counts, dtype=torch.float64)
     counts = counts.clamp_min(counts[counts > 0].min())
     torch.testing.assert_close(checkpoint.model.class_log_prior, (counts / counts.sum()).log().float())
-    # The adjustment is part of the one exported graph: onnxruntime agrees with eager.
+    # The adjustment and the feature-reading decision are part of the one exported graph:
+    # onnxruntime agrees with eager.
     from export.to_onnx import main as export_main
 
     assert (

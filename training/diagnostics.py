@@ -65,9 +65,9 @@ def expert_diagnostics(
     class_count = torch.zeros(c, dtype=torch.float64)
     for images, labels in DataLoader(dataset, batch_size=batch_size if config.dataset in GENERATED else 1):
         images, labels = images.to(device), labels.to(device).long()
-        probs = model.expert_probs(images)  # [N, K, C, h, w]
+        probs, features = model.expert_outputs(images)  # [N, K, C, h, w], the backbone's last map
         mixed = model.expert_distributions(probs)  # what the MOE mixes (= probs for the paper's mixing)
-        weights = torch.softmax(model.selection_logits(probs), dim=1)
+        weights = torch.softmax(model.selection_logits(probs, features), dim=1)
         n, size = probs.shape[0], labels.shape[-2:]
         full = resize(probs.flatten(1, 2), size).view(n, k, c, *size)
         full_mixed = resize(mixed.flatten(1, 2), size).view(n, k, c, *size)

@@ -96,6 +96,12 @@ def get_args(argv=None) -> argparse.Namespace:
         default=None,
         help="experts 2..K see detached features (off: their losses train the backbone too)",
     )
+    parser.add_argument(
+        "--decision-features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the decision maker also reads the backbone's last feature map",
+    )
     parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
     parser.add_argument(
         "--mixing", choices=["paper", "nested"], help="how the experts are combined (docs/method.md §8)"
@@ -138,6 +144,7 @@ def config_from_args(args) -> TrainConfig:
         "expert_reweight": args.expert_reweight,
         "stage2_holdout": args.stage2_holdout,
         "decision_kernel": args.decision_kernel,
+        "decision_features": args.decision_features,
         "mixing": args.mixing,
         "output_balance": args.output_balance,
         "stop_gradient": args.stop_gradient,
@@ -148,7 +155,7 @@ def config_from_args(args) -> TrainConfig:
 # What stage 2 alone may change on a stage-1 checkpoint (of the run, of the network); the rest
 # (the held-back images included) was fixed when stage 1 ran.
 STAGE2_RUN_FIELDS = ("select_balance", "select_balance_power", "stage2_iters", "stage2_lr")
-STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "mixing", "output_balance")
+STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "decision_features", "mixing", "output_balance")
 
 
 def stage2_run(stage1: TrainConfig, requested: TrainConfig) -> TrainConfig:
@@ -203,8 +210,8 @@ class StageLoss(nn.Module):
             return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
         if config.network.is_medoe:
             with torch.no_grad():
-                probs = model.expert_probs(images)
-            select = resize(model.selection_logits(probs), size)
+                probs, features = model.expert_outputs(images)
+            select = resize(model.selection_logits(probs, features), size)
             return selection_loss(select, labels, model.expert_lut, self.weights, config.network.ignore_index), {}
         logits = resize(model.logits(images), size)
         if config.network.model == "focal":
