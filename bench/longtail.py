@@ -9,8 +9,10 @@ generated domains (street scenes and aerial suburbs), evaluated on their held-ou
 Per domain: baseline, reweight (`--only ... focal` adds focal), `medoe_paper` (the paper's
 recipe, every lever of docs/method.md §8 off), `medoe` (the configs' recipe: what ships; the
 paper's stage 1 with balanced selection), `medoe_nested` (that stage 1 again, nested mixing and a
-3x3 decision maker) and `medoe_levers` (every lever on). For every MEDOE run the
-diagnostics of training/diagnostics.py: each expert alone, the oracle, the paper's
+3x3 decision maker) and `medoe_levers` (every lever on); `--only` can also name the
+`medoe_reweighted*` runs (experts with reweight's loss inside their sets, with and without
+`decision_features`: docs/method.md's third round). For every MEDOE run the diagnostics of
+training/diagnostics.py: each expert alone, the oracle, the paper's
 user-specified ensembles (Table 6), each expert's mAcc, bias and calibration (Table 9) and the
 decision maker's selection accuracy on its own training images against held-out ones. With
 `--alpha-sweep`, the shipped recipe at alpha in {0, 0.1, 0.2, 0.5} on the first domain (Figure 5).
