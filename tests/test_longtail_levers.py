@@ -145,27 +145,13 @@ def test_user_specified_ensembles_by_hand():
     assert gain_recovered({"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 40.0}, "moe": {"mIoU": 46.0}}) is None
 
 
-@pytest.mark.parametrize("mixing", ["paper", "nested"])
-def test_diagnostics_agree_with_evaluate(mixing):
-    config = TrainConfig.from_dict(
-        dict(
-            backbone="tiny",
-            decoder_channels=8,
-            decision_hidden=8,
-            num_classes=14,
-            mixing=mixing,
-            synthetic_size=[32, 64],
-            synthetic_val_images=6,
-            crop_size=[32, 32],
-            decision_kernel=3,
-        )
+@pytest.mark.parametrize("mixing, features", [("paper", False), ("nested", True)])
+def test_diagnostics_agree_with_evaluate(mixing, features):
+    config, dataset, stats = tiny_val_split(
+        mixing=mixing, synthetic_val_images=6, decision_kernel=3, decision_features=features
     )
     torch.manual_seed(0)
     model = MEDOE(config.network)
-    from medoe.class_stats import ClassStats
-
-    dataset = get_dataset(config, "val")
-    stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
     model.set_groups(stats.groups(config.network.group_thresholds))
     report = expert_diagnostics(model, dataset, "cpu", config, stats)
     metrics = evaluate(model, dataset, "cpu", config, stats)
@@ -223,22 +209,20 @@ def nested_model(**changes):
 
 
 def tiny_val_split(**changes):
-    """A 14-class tiny network's run, its 4 `val` images and their class statistics."""
+    """A 14-class tiny network's run (4 `val` images unless changed), its `val` set and its class statistics."""
     from medoe.class_stats import ClassStats
 
-    config = TrainConfig.from_dict(
-        dict(
-            backbone="tiny",
-            decoder_channels=8,
-            decision_hidden=8,
-            num_classes=14,
-            mixing="nested",
-            synthetic_size=[32, 64],
-            synthetic_val_images=4,
-            crop_size=[32, 32],
-            **changes,
-        )
+    values = dict(
+        backbone="tiny",
+        decoder_channels=8,
+        decision_hidden=8,
+        num_classes=14,
+        mixing="nested",
+        synthetic_size=[32, 64],
+        synthetic_val_images=4,
+        crop_size=[32, 32],
     )
+    config = TrainConfig.from_dict({**values, **changes})
     dataset = get_dataset(config, "val")
     stats = ClassStats.from_label_maps((dataset.label_map(i) for i in range(len(dataset))), dataset.class_names)
     return config, dataset, stats
