@@ -65,11 +65,12 @@ class DecisionMaker(nn.Module):
 
     def forward(self, expert_probs: Tensor, features: Tensor | None = None) -> Tensor:
         # [N, K, C, h, w] (+ [N, F, h', w']) -> selection logits [N, K, h, w]
+        if self.project is None:  # through the Sequential, so exported node names stay as they were
+            return self.net(expert_probs.flatten(1, 2))
+        if features is None:
+            raise ValueError("this decision maker reads the backbone features too: pass them")
         hidden = self.net[0](expert_probs.flatten(1, 2))
-        if self.project is not None:
-            if features is None:
-                raise ValueError("this decision maker reads the backbone features too: pass them")
-            hidden = hidden + resize(self.project(features), hidden.shape[-2:])
+        hidden = hidden + resize(self.project(features), hidden.shape[-2:])
         return self.net[2](self.net[1](hidden))
 
 
