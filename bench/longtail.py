@@ -103,10 +103,9 @@ MEDOE_RUNS = {
 SHARES_STAGE1 = {
     "medoe": "medoe_paper",
     "medoe_nested": "medoe_paper",
-    **{
-        name: "medoe_reweighted"
-        for name in ("medoe_reweighted_nested", "medoe_reweighted_features", "medoe_reweighted_nested_features")
-    },
+    "medoe_reweighted_nested": "medoe_reweighted",
+    "medoe_reweighted_features": "medoe_reweighted",
+    "medoe_reweighted_nested_features": "medoe_reweighted",
 }
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
