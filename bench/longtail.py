@@ -86,6 +86,18 @@ NESTED = [
     "nested",
     "--no-select-balance",
 ]
+# NESTED with expert 1's group mass as the prior (docs/method.md §8 `refine`).
+REFINE = [
+    "--expert-balance",
+    "0",
+    "--stage2-holdout",
+    "0",
+    "--decision-kernel",
+    "3",
+    "--mixing",
+    "refine",
+    "--no-select-balance",
+]
 MEDOE_RUNS = {
     "medoe_paper": ["--model", "medoe", *PAPER],
     "medoe": ["--model", "medoe"],
@@ -98,6 +110,12 @@ MEDOE_RUNS = {
     # Those two stage 2s with a decision maker that also reads the backbone's last map.
     "medoe_reweighted_features": ["--model", "medoe", *PAPER, "--expert-reweight", "--decision-features"],
     "medoe_reweighted_nested_features": ["--model", "medoe", *NESTED, "--expert-reweight", "--decision-features"],
+    # The same experts, the decision maker fitted to the mixture's likelihood of the label
+    # (class-weighted as the experts were) instead of to the owner expert.
+    "medoe_reweighted_output": ["--model", "medoe", *PAPER, "--expert-reweight", "--stage2-loss", "output"],
+    "medoe_reweighted_nested_output": ["--model", "medoe", *NESTED, "--expert-reweight", "--stage2-loss", "output"],
+    # Expert 1's own group decision, refined inside each group by the group's expert (§8 `refine`).
+    "medoe_reweighted_refine": ["--model", "medoe", *REFINE, "--expert-reweight", "--stage2-loss", "output"],
 }
 # These differ from another run in stage 2 only and reuse its stage 1.
 SHARES_STAGE1 = {
@@ -106,6 +124,9 @@ SHARES_STAGE1 = {
     "medoe_reweighted_nested": "medoe_reweighted",
     "medoe_reweighted_features": "medoe_reweighted",
     "medoe_reweighted_nested_features": "medoe_reweighted",
+    "medoe_reweighted_output": "medoe_reweighted",
+    "medoe_reweighted_nested_output": "medoe_reweighted",
+    "medoe_reweighted_refine": "medoe_reweighted",
 }
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5

@@ -23,7 +23,8 @@ from pathlib import Path
 from medoe.io import atomic_write_text
 
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
-MIXINGS = ("paper", "nested")
+MIXINGS = ("paper", "nested", "refine")
+STAGE2_LOSSES = ("selection", "output")
 BACKBONES = (
     "tiny",
     "resnet18c",
@@ -87,7 +88,8 @@ class ModelConfig(_Checked):
         1  # its first conv's size: 1 = one pixel's K*C probabilities (paper), 3 = a 3x3 neighbourhood
     )
     decision_features: bool = False  # the decision maker also reads the backbone's last map (1x1-projected)
-    # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to group k
+    # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to
+    # group k | refine: the same with expert 1's group mass as the prior (docs/method.md §8)
     mixing: str = "paper"
     # tau of the post-hoc logit adjustment of the final probabilities, p(c) / prior(c)^tau with the
     # training pixel frequency as prior (Menon et al. 2021): 0 = off (paper), 1 = balanced decision
@@ -146,6 +148,9 @@ class TrainConfig(_Checked):
     stage2_holdout: float = 0.0  # share of training images stage 1 never sees; stage 2 learns on them only (0 = paper)
     select_balance: bool = False  # stage 2: inverse-frequency weights on the K selection targets
     select_balance_power: float = 1.0  # those weights are share_k ** -power (1 = inverse frequency, 0.5 = inverse sqrt)
+    # stage 2's loss: "selection" = CE on the expert that owns the label (paper); "output" = the
+    # mixture's NLL at the label, class-weighted as stage 1 was (1/sqrt f with expert_reweight)
+    stage2_loss: str = "selection"
     focal_gamma: float = 2.0  # focal baseline's gamma
     # --- data ----------------------------------------------------------------------------
     dataset: str = (
@@ -261,6 +266,7 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "decision_hidden": ((lambda v: v >= 1), "an integer >= 1"),
     "decision_kernel": ((lambda v: v in (1, 3)), "1 or 3"),
     "mixing": ((lambda v: v in MIXINGS), f"one of {MIXINGS}"),
+    "stage2_loss": ((lambda v: v in STAGE2_LOSSES), f"one of {STAGE2_LOSSES}"),
     "dropout": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     # Labels are uint8 maps with 255 = ignore, so at most 255 classes.
     "num_classes": ((lambda v: 2 <= v <= 255), "an integer in 2..255"),

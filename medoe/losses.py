@@ -1,4 +1,4 @@
-"""MEDOE stage-1 expert losses, the stage-2 expert-selection loss, and the long-tail baselines."""
+"""MEDOE stage-1 expert losses, the stage-2 losses (expert selection, mixture likelihood), the baselines' losses."""
 
 from __future__ import annotations
 
@@ -90,8 +90,19 @@ def l2_suppression(logits: Tensor, target: Tensor, in_set: Tensor, ignore_index:
 
 
 def kl_to_label_histogram(
-    logits: Tensor, target: Tensor, in_set: Tensor, ignore_index: int = 255, eps: float = 1e-6
+    logits: Tensor,
+    target: Tensor,
+    in_set: Tensor,
+    ignore_index: int = 255,
+    eps: float = 1e-6,
+    class_weights: Tensor | None = None,
 ) -> Tensor:
+    """KL(p || q) of the expert's mean prediction over its pixels against their label histogram.
+
+    With `class_weights` (a re-weighted CE) q is the weighted histogram: the distribution the
+    weighted CE fits. Against the raw histogram the KL term would pull the mean prediction back
+    to the imbalance the weights remove.
+    """
     mask, _, safe = _in_set_mask(logits, target, in_set, ignore_index)
     in_set = in_set.to(logits.device)
     count = int(mask.sum())
@@ -102,7 +113,10 @@ def kl_to_label_histogram(
     mean_probs = (probs * weight).sum(dim=(0, 2, 3)) / count
     p = mean_probs[in_set]
     p = p / p.sum()
-    hist = torch.bincount(safe.flatten(), mask.flatten().to(p.dtype), minlength=logits.shape[1])[in_set]
+    hist = torch.bincount(safe.flatten(), mask.flatten().to(p.dtype), minlength=logits.shape[1])
+    if class_weights is not None:
+        hist = hist * class_weights.to(device=hist.device, dtype=hist.dtype)
+    hist = hist[in_set]
     q = (hist + eps) / (hist + eps).sum()
     # The clamp only guards log(0); those terms are multiplied by p = 0 anyway.
     return (p * (p.clamp_min(torch.finfo(p.dtype).tiny).log() - q.log())).sum()
@@ -147,7 +161,7 @@ def expert_loss(
         logits = logits + adjustment.to(logits.dtype).view(1, -1, 1, 1)
     ce = masked_ce(logits, target, in_set, ignore_index, class_weights)
     l2 = l2_suppression(logits, target, in_set, ignore_index)
-    kl = kl_to_label_histogram(logits, target, in_set, ignore_index)
+    kl = kl_to_label_histogram(logits, target, in_set, ignore_index, class_weights=class_weights)
     return ExpertLoss(ce + alpha * (l2 + kl), ce, l2, kl)
 
 
@@ -214,6 +228,29 @@ def selection_loss(
     # With weights this is PyTorch's weighted mean, sum(w_y * l) / sum(w_y): with inverse-share
     # weights every expert target then contributes equally, whatever the weights' scale.
     return F.cross_entropy(select_logits, se_target, weight=weights, ignore_index=ignore_index)
+
+
+def mixture_nll(probs: Tensor, target: Tensor, class_weights: Tensor | None = None, ignore_index: int = 255) -> Tensor:
+    """Stage 2's "output" loss: -log p_final(y) of the mixed distribution, at the label's size.
+
+    The decision maker is then fitted to the prediction it makes (the mixture-of-experts
+    likelihood, Jacobs et al. 1991), not to a proxy target: sending a pixel to an expert costs
+    only as much as that expert's probability of the true class falls short.
+    """
+    _check_inputs(probs, target, what="probabilities")
+    num_classes = probs.shape[1]
+    if class_weights is not None and class_weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},) to match the probabilities, "
+            f"got {tuple(class_weights.shape)}"
+        )
+    valid, _ = _valid_mask(target, num_classes, ignore_index)
+    if not valid.any():
+        return _zero(probs)
+    log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+    if class_weights is not None:
+        class_weights = class_weights.to(device=probs.device, dtype=probs.dtype)
+    return F.nll_loss(log_probs, target.long(), weight=class_weights, ignore_index=ignore_index)
 
 
 def selection_balance_weights(

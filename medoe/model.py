@@ -32,6 +32,11 @@ class ExpertOutputs(NamedTuple):
     features: Tensor  # [N, F, h', w'] the backbone's last map, which the decision maker may also read
 
 
+class Mixture(NamedTuple):
+    probs: Tensor  # [N, C, h, w] p_final = sum_k s_k q_k at the experts' resolution
+    weights: Tensor  # [N, K, h, w] the decision maker's s_k
+
+
 class Expert(nn.Module):
     def __init__(self, context: nn.Module, num_classes: int, dropout: float):
         super().__init__()
@@ -180,7 +185,7 @@ class MEDOE(SegmentationModel):
             config.decision_kernel,
             self.backbone.channels[-1] if config.decision_features else 0,
         )
-        if config.mixing == "nested":  # start from the chain-rule prior alone
+        if config.mixing != "paper":  # start from the group prior alone
             nn.init.zeros_(decision.net[-1].weight)
             nn.init.zeros_(decision.net[-1].bias)
         return decision
@@ -232,6 +237,19 @@ class MEDOE(SegmentationModel):
         return torch.stack([owner == k for k in range(self.num_experts)])
 
     def group_prior_logits(self, expert_probs: Tensor) -> Tensor:
+        """log P(group k | x) before the decision maker's correction: [N, K, h, w].
+
+        refine: expert 1's own group mass p_1(G_k); expert 1 is the only expert trained on
+        every class, so the group decision starts as its decision and the experts after it
+        only refine the class inside the group. nested: the chain rule below.
+        """
+        if self.config.mixing == "refine":
+            groups = self.group_masks().to(expert_probs.dtype)  # [K, C]
+            mass = torch.einsum("nchw,kc->nkhw", expert_probs[:, 0], groups)
+            return mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
+        return self.chain_rule_logits(expert_probs)
+
+    def chain_rule_logits(self, expert_probs: Tensor) -> Tensor:
         """log P(group k | x) by the chain rule over the nested sets S_1 > S_2 > ... > S_K.
 
         Expert j is trained on the pixels of S_j, so p_j(S_{j+1}) / p_j(S_j) estimates
@@ -253,8 +271,8 @@ class MEDOE(SegmentationModel):
     def expert_distributions(self, expert_probs: Tensor) -> Tensor:
         """What each expert contributes to the mixture: [N, K, C, h, w], each a distribution.
 
-        paper: its softmax over all C. nested: its softmax kept to its own group G_k and
-        renormalised, so a pixel's weight on k means "the class is in G_k" and nothing else.
+        paper: its softmax over all C. nested and refine: its softmax kept to its own group G_k
+        and renormalised, so a pixel's weight on k means "the class is in G_k" and nothing else.
         """
         if self.config.mixing == "paper":
             return expert_probs
@@ -269,11 +287,15 @@ class MEDOE(SegmentationModel):
         # The decision maker learns a correction to the chain-rule prior (zero at initialisation).
         return self.group_prior_logits(expert_probs) + self.decision(expert_probs, features)
 
-    def forward(self, images: Tensor) -> Segmentation:
-        expert_probs, features = self.expert_outputs(images)  # [N, K, C, h, w], [N, F, h', w']
-        weights = torch.softmax(self.selection_logits(expert_probs, features), dim=1)  # [N, K, h, w]
+    def mixture(self, expert_probs: Tensor, features: Tensor | None = None) -> Mixture:
+        """What forward() and an "output" stage 2 share: the decision maker's weights and p_final."""
+        weights = torch.softmax(self.selection_logits(expert_probs, features), dim=1)
         # p_final = sum_k s_k q_k; the weights sum to 1 so p_final is a distribution.
         probs = (weights.unsqueeze(2) * self.expert_distributions(expert_probs)).sum(dim=1)
+        return Mixture(probs, weights)
+
+    def forward(self, images: Tensor) -> Segmentation:
+        probs, weights = self.mixture(*self.expert_outputs(images))
         return self._finish(probs, images.shape[-2:], weights)
 
     def oracle(self, images: Tensor, labels: Tensor) -> Segmentation:

@@ -43,6 +43,7 @@ BAD_VALUES = [
     ("amp", "false"),
     ("amp", 1),
     ("select_balance", "yes"),
+    ("stage2_loss", "mixture"),
     ("model", 3),
     ("model", "unet"),
     ("backbone", "resnet34"),

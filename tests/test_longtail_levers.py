@@ -145,7 +145,7 @@ def test_user_specified_ensembles_by_hand():
     assert gain_recovered({"expert1": {"mIoU": 40.0}, "oracle": {"mIoU": 40.0}, "moe": {"mIoU": 46.0}}) is None
 
 
-@pytest.mark.parametrize("mixing, features", [("paper", False), ("nested", True)])
+@pytest.mark.parametrize("mixing, features", [("paper", False), ("nested", True), ("refine", False)])
 def test_diagnostics_agree_with_evaluate(mixing, features):
     config, dataset, stats = tiny_val_split(
         mixing=mixing, synthetic_val_images=6, decision_kernel=3, decision_features=features
@@ -160,7 +160,7 @@ def test_diagnostics_agree_with_evaluate(mixing, features):
     experts = report["experts"]
     assert [e["expert"] for e in experts] == [1, 2, 3]
     assert sum(e["owned_pixels"] for e in experts) == 6 * 32 * 64
-    assert ("group_prior" in report["rules"]) == (mixing == "nested")
+    assert ("group_prior" in report["rules"]) == (mixing != "paper")
     for e in experts:
         assert 0 <= e["selection_accuracy"] <= 100 and 0 <= e["ece"] <= 100
 
@@ -201,7 +201,14 @@ def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
 
 def nested_model(**changes):
     config = ModelConfig(
-        backbone="tiny", decoder_channels=8, decision_hidden=8, num_classes=4, mixing="nested", **changes
+        **{
+            "backbone": "tiny",
+            "decoder_channels": 8,
+            "decision_hidden": 8,
+            "num_classes": 4,
+            "mixing": "nested",
+            **changes,
+        }
     )
     model = MEDOE(config)
     model.set_groups([[0], [1], [2, 3]])
@@ -242,6 +249,20 @@ def test_group_prior_is_the_chain_rule_by_hand():
     torch.testing.assert_close(kept[0], torch.tensor([1.0, 0, 0, 0]), atol=1e-6, rtol=0)
     # The untrained decision maker adds nothing: the MOE starts as the chain rule.
     torch.testing.assert_close(model.selection_logits(probs), model.group_prior_logits(probs))
+
+
+def test_refine_prior_is_expert_ones_group_mass_and_refines_inside_groups():
+    model = nested_model(mixing="refine")
+    probs = torch.tensor([[0.6, 0.2, 0.15, 0.05], [0.1, 0.5, 0.3, 0.1], [0.3, 0.1, 0.2, 0.4]]).view(1, 3, 4, 1, 1)
+    prior = model.group_prior_logits(probs).exp().flatten()
+    torch.testing.assert_close(prior, torch.tensor([0.6, 0.2, 0.2]), atol=1e-6, rtol=0)  # groups {0}, {1}, {2, 3}
+    torch.testing.assert_close(model.selection_logits(probs), model.group_prior_logits(probs))
+    # p = p_1(G_k) p_k(c | G_k): the tail group's 0.2 is split 1:2 as expert 3 says, not 3:1 as expert 1 does.
+    mixed = model.mixture(probs).probs.flatten()
+    torch.testing.assert_close(mixed, torch.tensor([0.6, 0.2, 0.2 / 3, 0.4 / 3]), atol=1e-6, rtol=0)
+    # Experts that agree with expert 1 give expert 1's distribution back.
+    same = probs[:, :1].expand(1, 3, 4, 1, 1)
+    torch.testing.assert_close(model.mixture(same).probs, probs[:, 0], atol=1e-6, rtol=0)
 
 
 def test_nested_forward_is_a_distribution_and_the_paper_mixing_is_unchanged():
@@ -393,3 +414,38 @@ def test_stage2_gives_a_stage1_model_output_balance_and_decision_features_and_th
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("mixing", ["paper", "nested", "refine"])
+def test_output_stage2_loss_is_the_served_prediction_nll(mixing):
+    # Stage 2's "output" loss scores exactly what forward() serves, class-weighted as the experts were.
+    config, dataset, stats = tiny_val_split(
+        mixing=mixing, model="medoe", stage2_loss="output", expert_reweight=True, select_balance=True
+    )
+    torch.manual_seed(0)
+    model = MEDOE(config.network)
+    model.set_groups(stats.groups(config.network.group_thresholds))
+    model.set_stage(2)
+    loss = train.StageLoss(model, config, 2, stats)
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(2)]).float()
+    labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(2)]).long()
+    weights = inverse_sqrt_frequency_weights(stats.pixel_counts)  # not the selection-balance weights
+    value, _ = loss(images, labels)
+    torch.testing.assert_close(value, F.nll_loss(model(images).probs.log(), labels, weight=weights, ignore_index=255))
+    value.backward()
+    assert all(p.grad is not None for p in model.decision.parameters())
+    assert all(p.grad is None for p in model.experts.parameters())
+
+
+def test_output_stage2_loss_is_a_stage2_field(tmp_path):
+    common, work = tiny_run(tmp_path)
+    assert train.main(common) == 0
+    assert json.loads((work / "final" / "config.json").read_text())["stage2_loss"] == "selection"
+    assert train.main([*common, "--stage", "2", "--stage2-loss", "output", "--mixing", "refine"]) == 0
+    second = json.loads((work / "final" / "config.json").read_text())
+    assert second["stage2_loss"] == "output" and second["mixing"] == "refine"
+    # Refine mixing is part of the one exported graph: onnxruntime agrees with eager.
+    from export.to_onnx import main as export_main
+
+    out = str(tmp_path / "m.onnx")
+    assert export_main(["--checkpoint", str(work / "final"), "--out", out, "--verify-sizes", "40x56"]) == 0

@@ -12,6 +12,7 @@ from medoe.losses import (
     kl_to_label_histogram,
     l2_suppression,
     masked_ce,
+    mixture_nll,
     selection_balance_weights,
     selection_loss,
     stage1_loss,
@@ -97,6 +98,24 @@ def test_kl_by_hand():
     # Float64 because this KL is small (~3e-4) and float32 cancellation would blur the check.
     got = kl_to_label_histogram(make_logits().double(), TARGET, S_TAIL, eps=eps)
     assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_kl_with_class_weights_targets_the_weighted_histogram():
+    # Labels 2, 2, 3 over S = {2, 3}: weights (1, 2) make the target (2, 2) / 4 instead of (2, 1) / 3.
+    eps = 1e-6
+    weights = torch.tensor([5.0, 5.0, 1.0, 2.0])
+    mean = [0.0] * 4
+    for i, j in ((0, 2), (1, 0), (1, 2)):
+        mean = [m + p / 3 for m, p in zip(mean, softmax_by_hand(PIXEL_LOGITS[i][j]), strict=True)]
+    p = [mean[2] / (mean[2] + mean[3]), mean[3] / (mean[2] + mean[3])]
+    q = [(2 + eps) / (4 + 2 * eps), (2 + eps) / (4 + 2 * eps)]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    got = kl_to_label_histogram(make_logits().double(), TARGET, S_TAIL, eps=eps, class_weights=weights.double())
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    assert got.item() != pytest.approx(kl_to_label_histogram(make_logits().double(), TARGET, S_TAIL).item(), rel=1e-3)
+    # expert_loss hands its CE weights to the KL term.
+    part = expert_loss(make_logits(), TARGET, S_TAIL, alpha=0.5, class_weights=weights)
+    assert part.kl.item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_kl_zero_when_p_equals_q():
@@ -247,3 +266,26 @@ def test_shape_mismatch_errors(loss_fn):
 def test_bad_target_value_is_named():
     with pytest.raises(ValueError, match="target value 7"):
         masked_ce(make_logits(), torch.tensor([[[0, 1, 2], [7, 255, 2]]]), S_TAIL)
+
+
+def test_mixture_nll_by_hand_weights_and_errors():
+    probs = make_logits().softmax(dim=1)
+    pixels = [(0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 0, 3), (1, 2, 2)]  # (row, col, label), 255 skipped
+    nll = [-math.log(softmax_by_hand(PIXEL_LOGITS[r][c])[y]) for r, c, y in pixels]
+    assert mixture_nll(probs, TARGET).item() == pytest.approx(sum(nll) / 5, rel=1e-5)
+    # On a softmax it is the CE of the logits (which a one-expert mixture gives back).
+    torch.testing.assert_close(mixture_nll(probs, TARGET), F.cross_entropy(make_logits(), TARGET, ignore_index=255))
+    w = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    per_pixel = [w[y].item() for _, _, y in pixels]
+    expected = sum(a * b for a, b in zip(per_pixel, nll, strict=True)) / sum(per_pixel)
+    assert mixture_nll(probs, TARGET, w).item() == pytest.approx(expected, rel=1e-5)
+    # A zero probability is a large finite loss, not inf or NaN.
+    hard = torch.zeros_like(probs)
+    hard[:, 0] = 1.0
+    assert math.isfinite(mixture_nll(hard, TARGET).item())
+    empty = mixture_nll(probs.requires_grad_(True), torch.full((1, 2, 3), 255))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="class_weights must have shape"):
+        mixture_nll(probs, TARGET, torch.ones(3))
+    with pytest.raises(ValueError, match="resize"):
+        mixture_nll(probs, TARGET[:, :, :2])

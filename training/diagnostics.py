@@ -6,7 +6,7 @@ decision maker's selection accuracy, each expert's calibration and its per-class
 
 Rules, all on the experts' probabilities resized to the label size:
 - `moe`: the learned decision maker (what the exported graph computes).
-- `group_prior` (nested mixing only): the chain-rule group prior without the learned correction.
+- `group_prior` (nested and refine mixing): the group prior without the learned correction.
 - `expertK`: expert K alone, argmax over all C classes.
 - `oracle`: each pixel takes the expert that owns its true class (an upper bound).
 - `softmax_threshold`: the most specialised expert whose top in-set probability exceeds
@@ -84,7 +84,7 @@ def expert_diagnostics(
             rules[f"expert{i + 1}"] = model.balanced(full[:, i]).argmax(1)
         # As the model computes them: mixed at decoder resolution, then resized.
         rules["moe"] = resize(model.balanced((weights.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
-        if model.config.mixing == "nested":
+        if model.config.mixing != "paper":
             prior = torch.softmax(model.group_prior_logits(probs), dim=1)
             rules["group_prior"] = resize(model.balanced((prior.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
         rules["oracle"] = model.balanced((oracle.unsqueeze(2) * full_mixed).sum(1)).argmax(1)

@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import CONFIG_DIR, DATASETS, ModelConfig, TrainConfig, load_config
+from medoe.config import CONFIG_DIR, DATASETS, MIXINGS, ModelConfig, TrainConfig, load_config
 from medoe.data import DatasetError
 from medoe.losses import (
     expert_log_priors,
     expert_reweights,
     focal_loss,
     inverse_sqrt_frequency_weights,
+    mixture_nll,
     selection_balance_weights,
     selection_loss,
     stage1_loss,
@@ -74,6 +75,11 @@ def get_args(argv=None) -> argparse.Namespace:
         help="stage 2: inverse-frequency weights on the expert targets",
     )
     parser.add_argument("--select-balance-power", type=float, help="exponent of those weights: share ** -power")
+    parser.add_argument(
+        "--stage2-loss",
+        choices=["selection", "output"],
+        help="stage 2 fits the owner expert (selection, paper) or the mixture's likelihood of the label (output)",
+    )
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
     parser.add_argument(
         "--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)"
@@ -103,9 +109,7 @@ def get_args(argv=None) -> argparse.Namespace:
         help="the decision maker also reads the backbone's last feature map",
     )
     parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
-    parser.add_argument(
-        "--mixing", choices=["paper", "nested"], help="how the experts are combined (docs/method.md §8)"
-    )
+    parser.add_argument("--mixing", choices=list(MIXINGS), help="how the experts are combined (docs/method.md §8)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
     parser.add_argument("--seed", type=int, help="seed for data order, augmentation and init")
     parser.add_argument("--workers", type=int, help="DataLoader workers per process")
@@ -137,6 +141,7 @@ def config_from_args(args) -> TrainConfig:
         "lr": args.lr,
         "select_balance": args.select_balance,
         "select_balance_power": args.select_balance_power,
+        "stage2_loss": args.stage2_loss,
         "seed": args.seed,
         "num_workers": args.workers,
         "alpha": args.alpha,
@@ -154,7 +159,7 @@ def config_from_args(args) -> TrainConfig:
 
 # What stage 2 alone may change on a stage-1 checkpoint (of the run, of the network); the rest
 # (the held-back images included) was fixed when stage 1 ran.
-STAGE2_RUN_FIELDS = ("select_balance", "select_balance_power", "stage2_iters", "stage2_lr")
+STAGE2_RUN_FIELDS = ("select_balance", "select_balance_power", "stage2_loss", "stage2_iters", "stage2_lr")
 STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "decision_features", "mixing", "output_balance")
 
 
@@ -182,8 +187,10 @@ class StageLoss(nn.Module):
         super().__init__()
         self.model, self.config, self.stage = model, config, stage
         weights = inverse_sqrt_frequency_weights(stats.pixel_counts) if config.network.model == "reweight" else None
-        if config.network.is_medoe and config.select_balance:
+        if config.network.is_medoe and config.select_balance and config.stage2_loss == "selection":
             weights = selection_balance_weights(stats.pixel_counts, model.groups(), config.select_balance_power)
+        if config.network.is_medoe and config.stage2_loss == "output" and config.expert_reweight:
+            weights = inverse_sqrt_frequency_weights(stats.pixel_counts)  # the experts' own weighting, over all C
         self.register_buffer("weights", weights, persistent=False)
         adjustments = None
         if config.network.is_medoe and config.expert_balance > 0:
@@ -211,6 +218,9 @@ class StageLoss(nn.Module):
         if config.network.is_medoe:
             with torch.no_grad():
                 probs, features = model.expert_outputs(images)
+            if config.stage2_loss == "output":  # bilinear to the label size, as inference resizes p_final
+                mixed = resize(model.mixture(probs, features).probs, size)
+                return mixture_nll(mixed, labels, self.weights, config.network.ignore_index), {}
             select = resize(model.selection_logits(probs, features), size)
             return selection_loss(select, labels, model.expert_lut, self.weights, config.network.ignore_index), {}
         logits = resize(model.logits(images), size)
