@@ -75,29 +75,10 @@ LEVERS = [
 ]
 # The paper's experts (its stage 1), combined by nested mixing with a 3x3 decision maker trained
 # on the true group frequencies (the best stage 2 on `val`, docs/method.md §8).
-NESTED = [
-    "--expert-balance",
-    "0",
-    "--stage2-holdout",
-    "0",
-    "--decision-kernel",
-    "3",
-    "--mixing",
-    "nested",
-    "--no-select-balance",
-]
-# NESTED with expert 1's group mass as the prior (docs/method.md §8 `refine`).
-REFINE = [
-    "--expert-balance",
-    "0",
-    "--stage2-holdout",
-    "0",
-    "--decision-kernel",
-    "3",
-    "--mixing",
-    "refine",
-    "--no-select-balance",
-]
+GROUP_DECISION = ["--expert-balance", "0", "--stage2-holdout", "0", "--decision-kernel", "3", "--no-select-balance"]
+NESTED = [*GROUP_DECISION, "--mixing", "nested"]
+# The same with expert 1's group mass as the prior (docs/method.md §8 `refine`).
+REFINE = [*GROUP_DECISION, "--mixing", "refine"]
 MEDOE_RUNS = {
     "medoe_paper": ["--model", "medoe", *PAPER],
     "medoe": ["--model", "medoe"],

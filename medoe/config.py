@@ -149,7 +149,8 @@ class TrainConfig(_Checked):
     select_balance: bool = False  # stage 2: inverse-frequency weights on the K selection targets
     select_balance_power: float = 1.0  # those weights are share_k ** -power (1 = inverse frequency, 0.5 = inverse sqrt)
     # stage 2's loss: "selection" = CE on the expert that owns the label (paper); "output" = the
-    # mixture's NLL at the label, class-weighted as stage 1 was (1/sqrt f with expert_reweight)
+    # mixture's NLL at the label, class-weighted as stage 1 was (1/sqrt f with expert_reweight);
+    # select_balance weights the selection targets and so applies to "selection" only
     stage2_loss: str = "selection"
     focal_gamma: float = 2.0  # focal baseline's gamma
     # --- data ----------------------------------------------------------------------------

@@ -50,6 +50,13 @@ def _check_set(in_set: Tensor, num_classes: int) -> Tensor:
     return in_set
 
 
+def _check_class_weights(class_weights: Tensor, num_classes: int, what: str) -> None:
+    if class_weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},) to match the {what}, got {tuple(class_weights.shape)}"
+        )
+
+
 def _zero(logits: Tensor) -> Tensor:
     # Still connected to the graph so backward() and DDP's unused-parameter checks behave.
     return logits.sum() * 0
@@ -239,11 +246,8 @@ def mixture_nll(probs: Tensor, target: Tensor, class_weights: Tensor | None = No
     """
     _check_inputs(probs, target, what="probabilities")
     num_classes = probs.shape[1]
-    if class_weights is not None and class_weights.shape != (num_classes,):
-        raise ValueError(
-            f"class_weights must have shape ({num_classes},) to match the probabilities, "
-            f"got {tuple(class_weights.shape)}"
-        )
+    if class_weights is not None:
+        _check_class_weights(class_weights, num_classes, "probabilities")
     valid, _ = _valid_mask(target, num_classes, ignore_index)
     if not valid.any():
         return _zero(probs)
@@ -283,10 +287,7 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, ignore_index:
 def weighted_ce(logits: Tensor, target: Tensor, class_weights: Tensor, ignore_index: int = 255) -> Tensor:
     _check_inputs(logits, target)
     num_classes = logits.shape[1]
-    if class_weights.shape != (num_classes,):
-        raise ValueError(
-            f"class_weights must have shape ({num_classes},) to match the logits, got {tuple(class_weights.shape)}"
-        )
+    _check_class_weights(class_weights, num_classes, "logits")
     valid, _ = _valid_mask(target, num_classes, ignore_index)
     if not valid.any():
         return _zero(logits)

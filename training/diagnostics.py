@@ -67,7 +67,7 @@ def expert_diagnostics(
         images, labels = images.to(device), labels.to(device).long()
         probs, features = model.expert_outputs(images)  # [N, K, C, h, w], the backbone's last map
         mixed = model.expert_distributions(probs)  # what the MOE mixes (= probs for the paper's mixing)
-        weights = torch.softmax(model.selection_logits(probs, features), dim=1)
+        moe = model.mixture(probs, features)  # what forward() serves, at decoder resolution
         n, size = probs.shape[0], labels.shape[-2:]
         full = resize(probs.flatten(1, 2), size).view(n, k, c, *size)
         full_mixed = resize(mixed.flatten(1, 2), size).view(n, k, c, *size)
@@ -83,12 +83,12 @@ def expert_diagnostics(
         for i in range(k):
             rules[f"expert{i + 1}"] = model.balanced(full[:, i]).argmax(1)
         # As the model computes them: mixed at decoder resolution, then resized.
-        rules["moe"] = resize(model.balanced((weights.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
+        rules["moe"] = resize(model.balanced(moe.probs), size).argmax(1)
         if model.config.mixing != "paper":
             prior = torch.softmax(model.group_prior_logits(probs), dim=1)
             rules["group_prior"] = resize(model.balanced((prior.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
         rules["oracle"] = model.balanced((oracle.unsqueeze(2) * full_mixed).sum(1)).argmax(1)
-        weights = resize(weights, size)
+        weights = resize(moe.weights, size)
         for name, predicted in rules.items():
             matrices.setdefault(name, ConfusionMatrix(c, ignore, device)).update(predicted, labels)
         picked = weights.argmax(1)

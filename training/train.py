@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import CONFIG_DIR, DATASETS, MIXINGS, ModelConfig, TrainConfig, load_config
+from medoe.config import CONFIG_DIR, DATASETS, MIXINGS, STAGE2_LOSSES, ModelConfig, TrainConfig, load_config
 from medoe.data import DatasetError
 from medoe.losses import (
     expert_log_priors,
@@ -77,7 +77,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--select-balance-power", type=float, help="exponent of those weights: share ** -power")
     parser.add_argument(
         "--stage2-loss",
-        choices=["selection", "output"],
+        choices=list(STAGE2_LOSSES),
         help="stage 2 fits the owner expert (selection, paper) or the mixture's likelihood of the label (output)",
     )
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
