@@ -153,12 +153,12 @@ def with_retries(call: Callable, retries: int, backoff: float, url: str, inferen
             time.sleep(backoff * 2**attempt)
 
 
-def fetch_metadata(client, protocol: str) -> Metadata:
-    """`medoe`'s config parameters as medoe.contract's ModelMetadata (a server whose model lacks
-    them is a server failure, code 1), with its palette table and max_batch_size."""
-    config = client.get_model_config(MODEL, as_json=True) if protocol == "grpc" else client.get_model_config(MODEL)
+def fetch_metadata(client, protocol: str, name: str = MODEL) -> Metadata:
+    """`medoe`'s (or model `name`'s) config parameters as medoe.contract's ModelMetadata (a server
+    whose model lacks them is a server failure, code 1), with its palette table and max_batch_size."""
+    config = client.get_model_config(name, as_json=True) if protocol == "grpc" else client.get_model_config(name)
     try:
-        model = ModelMetadata.from_props(triton_parameters(config), f"model '{MODEL}'")
+        model = ModelMetadata.from_props(triton_parameters(config), f"model '{name}'")
         palette = palette_array(model.palette)
     except (MetadataError, ValueError) as err:
         raise ClientError(f"server: {' '.join(str(err).split())}", 1) from None
