@@ -4,6 +4,7 @@ generated domains (street scenes and aerial suburbs), evaluated on their held-ou
     python -m bench.longtail                  # 300 + 200 iterations: ~45 minutes on 2 quiet cores (estimated)
     python -m bench.longtail --alpha-sweep    # + Figure 5 (three more MEDOE runs)
     python -m bench.longtail --split val --out-dir work/tune        # for tuning
+    python -m bench.longtail --split val --seed 1 --work-dir work/seed1 --out-dir work/seed1   # seed spread
     python -m bench.longtail --device cuda --iters 8000
 
 Per domain: baseline, reweight (`--only ... focal` adds focal), `medoe_paper` (the paper's
@@ -136,6 +137,9 @@ def get_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--stage2-iters", type=int, default=CPU_STAGE2_ITERS, help="stage-2 iterations")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training and evaluation device")
+    parser.add_argument(
+        "--seed", type=int, help="training seed of every run (default: the configs'); the data stay the same"
+    )
     parser.add_argument("--split", default="test", help="held-out split the tables report")
     parser.add_argument("--work-dir", default="work/benchmark", help="where the runs go (finished runs are reused)")
     parser.add_argument("--out-dir", default=str(reporting.DOCS_DIR), help="where benchmark_longtail.{md,json} go")
@@ -184,6 +188,7 @@ def run_training(args, domain: str, name: str, flags: list[str]) -> float:
         str(args.iters),
         "--stage2-iters",
         str(args.stage2_iters),
+        *(["--seed", str(args.seed)] if args.seed is not None else []),
     ]
     if (work / "stage1").is_dir():  # stage 1 is done (here or in the run it shares): stage 2 alone
         shutil.rmtree(work / "last", ignore_errors=True)
