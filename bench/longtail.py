@@ -98,6 +98,18 @@ MEDOE_RUNS = {
     "medoe_reweighted_nested_output": ["--model", "medoe", *NESTED, "--expert-reweight", "--stage2-loss", "output"],
     # Expert 1's own group decision, refined inside each group by the group's expert (§8 `refine`).
     "medoe_reweighted_refine": ["--model", "medoe", *REFINE, "--expert-reweight", "--stage2-loss", "output"],
+    # Those experts with the KL term over the classes present in the batch (§8 `kl_support`).
+    "medoe_reweighted_kl": ["--model", "medoe", *PAPER, "--expert-reweight", "--kl-support", "present"],
+    "medoe_reweighted_kl_refine": [
+        "--model",
+        "medoe",
+        *REFINE,
+        "--expert-reweight",
+        "--kl-support",
+        "present",
+        "--stage2-loss",
+        "output",
+    ],
 }
 # These differ from another run in stage 2 only and reuse its stage 1.
 SHARES_STAGE1 = {
@@ -109,6 +121,7 @@ SHARES_STAGE1 = {
     "medoe_reweighted_output": "medoe_reweighted",
     "medoe_reweighted_nested_output": "medoe_reweighted",
     "medoe_reweighted_refine": "medoe_reweighted",
+    "medoe_reweighted_kl_refine": "medoe_reweighted_kl",
 }
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5

@@ -25,6 +25,7 @@ from medoe.io import atomic_write_text
 MODEL_TYPES = ("medoe", "baseline", "focal", "reweight")
 MIXINGS = ("paper", "nested", "refine")
 STAGE2_LOSSES = ("selection", "output")
+KL_SUPPORTS = ("set", "present")
 BACKBONES = (
     "tiny",
     "resnet18c",
@@ -141,6 +142,10 @@ class TrainConfig(_Checked):
     pretrained: str = ""  # local ImageNet state dict for the backbone (torchvision/timm/mmseg layout); "" = random init
     # --- losses --------------------------------------------------------------------------
     alpha: float = 0.2  # weight of the auxiliary (L2 + KL) term in every expert's stage-1 loss
+    # classes the KL term compares the batch's mean prediction and label histogram over: "set" =
+    # all of S_k, a class with no pixel in the batch at q = eps (SPEC §3); "present" = those of
+    # S_k with pixels in the batch (a class missing from 8 crops is a sampling zero, not q = 0)
+    kl_support: str = "set"
     expert_balance: float = (
         0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
     )
@@ -268,6 +273,7 @@ RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "decision_kernel": ((lambda v: v in (1, 3)), "1 or 3"),
     "mixing": ((lambda v: v in MIXINGS), f"one of {MIXINGS}"),
     "stage2_loss": ((lambda v: v in STAGE2_LOSSES), f"one of {STAGE2_LOSSES}"),
+    "kl_support": ((lambda v: v in KL_SUPPORTS), f"one of {KL_SUPPORTS}"),
     "dropout": ((lambda v: 0 <= v < 1), "a number in [0, 1)"),
     # Labels are uint8 maps with 255 = ignore, so at most 255 classes.
     "num_classes": ((lambda v: 2 <= v <= 255), "an integer in 2..255"),

@@ -44,6 +44,7 @@ BAD_VALUES = [
     ("amp", 1),
     ("select_balance", "yes"),
     ("stage2_loss", "mixture"),
+    ("kl_support", "batch"),
     ("model", 3),
     ("model", "unet"),
     ("backbone", "resnet34"),

@@ -437,6 +437,27 @@ def test_output_stage2_loss_is_the_served_prediction_nll(mixing):
     assert all(p.grad is None for p in model.experts.parameters())
 
 
+@pytest.mark.parametrize("support", ["set", "present"])
+def test_stage1_loss_takes_the_kl_support_from_the_config(support):
+    config, dataset, stats = tiny_val_split(model="medoe", kl_support=support, expert_reweight=True)
+    torch.manual_seed(0)
+    model = MEDOE(config.network)
+    model.set_groups(stats.groups(config.network.group_thresholds))
+    model.eval()  # no dropout: the loss and the check below see the same logits
+    loss = train.StageLoss(model, config, 1, stats)
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(2)]).float()
+    labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(2)]).long()
+    value, _ = loss(images, labels)
+    logits = [F.interpolate(z, labels.shape[-2:], mode="bilinear") for z in model.expert_logits(images)]
+    sets, weights = model.expert_sets(), loss.expert_weights
+    expected, _ = stage1_loss(
+        logits, labels, sets, config.alpha, class_weights=weights, kl_present_only=support == "present"
+    )
+    other, _ = stage1_loss(logits, labels, sets, config.alpha, class_weights=weights, kl_present_only=support == "set")
+    torch.testing.assert_close(value, expected)
+    assert value.item() != pytest.approx(other.item(), rel=1e-4)  # two crops miss some class of every set
+
+
 def test_output_stage2_loss_is_a_stage2_field(tmp_path):
     common, work = tiny_run(tmp_path)
     assert train.main(common) == 0

@@ -118,6 +118,35 @@ def test_kl_with_class_weights_targets_the_weighted_histogram():
     assert part.kl.item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_kl_over_present_classes_leaves_out_a_class_missing_from_the_batch():
+    # Labels 0, 1, 2, 2, 2 over S = {0..3}: class 3 has no pixel. Over the present classes p is the
+    # mean softmax renormalised over {0, 1, 2} and q = (1, 1, 3) / 5; over the set, class 3 sits
+    # at q = eps / (5 + 4 eps) and its term p3 log(p3 / q3) dominates.
+    target = torch.tensor([[[0, 1, 2], [2, 255, 2]]])
+    eps = 1e-6
+    mean = [0.0] * 4
+    for i, j in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2)):
+        mean = [m + p / 5 for m, p in zip(mean, softmax_by_hand(PIXEL_LOGITS[i][j]), strict=True)]
+    p = [m / sum(mean[:3]) for m in mean[:3]]
+    q = [(n + eps) / (5 + 3 * eps) for n in (1, 1, 3)]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    logits = make_logits().double()
+    got = kl_to_label_histogram(logits, target, S_ALL, eps=eps, present_only=True)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    over_set = kl_to_label_histogram(logits, target, S_ALL, eps=eps)
+    p3 = mean[3]  # the set's p includes class 3 (the renormalisation is over all four, which sum to 1)
+    assert over_set.item() > p3 * math.log(p3 / (eps / (5 + 4 * eps))) - 0.1 > 10 * got.item()
+    # With every class of the set present, the two supports are the same comparison.
+    assert kl_to_label_histogram(logits, TARGET, S_TAIL, present_only=True).item() == pytest.approx(
+        kl_to_label_histogram(logits, TARGET, S_TAIL).item(), rel=1e-12
+    )
+    # expert_loss and stage1_loss hand the choice to the KL term.
+    part = expert_loss(make_logits(), target, S_ALL, alpha=0.5, kl_present_only=True)
+    assert part.kl.item() == pytest.approx(expected, rel=1e-4)
+    _, parts = stage1_loss([make_logits()] * 2, target, torch.stack([S_ALL, S_TAIL]), kl_present_only=True)
+    assert parts[0].kl.item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_kl_zero_when_p_equals_q():
     # Uniform logits give p = (1/2, 1/2) over {2, 3}; two pixels of each label give q = (1/2, 1/2).
     target = torch.tensor([[[0, 2, 3], [3, 255, 2]]])

@@ -24,7 +24,16 @@ from tqdm import tqdm
 
 from medoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medoe.class_stats import ClassStats
-from medoe.config import CONFIG_DIR, DATASETS, MIXINGS, STAGE2_LOSSES, ModelConfig, TrainConfig, load_config
+from medoe.config import (
+    CONFIG_DIR,
+    DATASETS,
+    KL_SUPPORTS,
+    MIXINGS,
+    STAGE2_LOSSES,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+)
 from medoe.data import DatasetError
 from medoe.losses import (
     expert_log_priors,
@@ -81,6 +90,11 @@ def get_args(argv=None) -> argparse.Namespace:
         help="stage 2 fits the owner expert (selection, paper) or the mixture's likelihood of the label (output)",
     )
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
+    parser.add_argument(
+        "--kl-support",
+        choices=list(KL_SUPPORTS),
+        help="the KL term over all of S_k (set, SPEC) or the classes with pixels in the batch (present)",
+    )
     parser.add_argument(
         "--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)"
     )
@@ -145,6 +159,7 @@ def config_from_args(args) -> TrainConfig:
         "seed": args.seed,
         "num_workers": args.workers,
         "alpha": args.alpha,
+        "kl_support": args.kl_support,
         "expert_balance": args.expert_balance,
         "expert_reweight": args.expert_reweight,
         "stage2_holdout": args.stage2_holdout,
@@ -213,6 +228,7 @@ class StageLoss(nn.Module):
                 config.network.ignore_index,
                 self.adjustments,
                 self.expert_weights,
+                kl_present_only=config.kl_support == "present",
             )
             return total, {f"expert{k + 1}": p.total.item() for k, p in enumerate(parts)}
         if config.network.is_medoe:
