@@ -98,7 +98,8 @@ MEDOE_RUNS = {
     "medoe_reweighted_nested_output": ["--model", "medoe", *NESTED, "--expert-reweight", "--stage2-loss", "output"],
     # Expert 1's own group decision, refined inside each group by the group's expert (§8 `refine`).
     "medoe_reweighted_refine": ["--model", "medoe", *REFINE, "--expert-reweight", "--stage2-loss", "output"],
-    # Those experts with the KL term over the classes present in the batch (§8 `kl_support`).
+    # Those experts with the KL term over the classes present in the batch (§8 `kl_support`), and
+    # with no auxiliary term at all (expert 1's loss is then exactly reweight's).
     "medoe_reweighted_kl": ["--model", "medoe", *PAPER, "--expert-reweight", "--kl-support", "present"],
     "medoe_reweighted_kl_refine": [
         "--model",
@@ -107,6 +108,16 @@ MEDOE_RUNS = {
         "--expert-reweight",
         "--kl-support",
         "present",
+        "--stage2-loss",
+        "output",
+    ],
+    "medoe_reweighted_noaux_refine": [
+        "--model",
+        "medoe",
+        *REFINE,
+        "--expert-reweight",
+        "--alpha",
+        "0",
         "--stage2-loss",
         "output",
     ],
@@ -185,7 +196,8 @@ def run_training(args, domain: str, name: str, flags: list[str]) -> float:
     if (work / "final").is_dir():  # finished earlier: reused, with the time it took then
         return float(timing.read_text()) if timing.is_file() else float("nan")
     source = Path(args.work_dir) / domain / SHARES_STAGE1.get(name, name)
-    if source != work and not (work / "stage1").is_dir():
+    # A run that shares another's stage 1 trains its own when that run is not in the work dir.
+    if source != work and not (work / "stage1").is_dir() and (source / "stage1").is_dir():
         shutil.copytree(source / "stage1", work / "stage1")
         shutil.copy(source / "class_stats.json", work / "class_stats.json")
     argv = [

@@ -180,3 +180,26 @@ def test_the_benchmark_refuses_a_bad_config_before_training(tmp_path, capsys):
     assert benchmark.main(["--config", str(path), "--work-dir", str(work), "--out-dir", str(tmp_path / "docs")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {path}: invalid config: lr='0.05', expected a finite number > 0"
     assert not work.exists()
+
+
+@pytest.mark.parametrize("domain", ["streets", "aerial"])
+def test_every_benchmark_run_is_a_valid_training_command(domain):
+    # A misspelt flag or a value a field refuses would otherwise surface only inside a long benchmark.
+    from bench import longtail as benchmark
+
+    runs = {**benchmark.BASELINES, **benchmark.MEDOE_RUNS}
+    configs = {}
+    for name, flags in runs.items():
+        config = train.config_from_args(
+            train.get_args(["--config", benchmark.DOMAINS[domain], "--work-dir", "w", *flags])
+        )
+        config.validate()
+        configs[name] = config
+    assert configs["medoe_reweighted_kl_refine"].kl_support == "present" and configs["medoe_paper"].kl_support == "set"
+    assert configs["medoe_reweighted_noaux_refine"].alpha == 0
+    assert configs["medoe_reweighted_refine"].network.mixing == "refine"
+    # A run that shares another's stage 1 differs from it in stage-2 fields only.
+    stage2 = {*train.STAGE2_RUN_FIELDS, *train.STAGE2_NETWORK_FIELDS}
+    for name, source in benchmark.SHARES_STAGE1.items():
+        a, b = configs[name].to_dict(), configs[source].to_dict()
+        assert {k for k in a if a[k] != b[k]} <= stage2, name
