@@ -111,6 +111,16 @@ MEDOE_RUNS = {
         "--stage2-loss",
         "output",
     ],
+    # Expert 1 without its KL term (its loss exactly reweight's), experts 2..K with theirs.
+    "medoe_reweighted_e1ce_refine": [
+        "--model",
+        "medoe",
+        *REFINE,
+        "--expert-reweight",
+        "--no-expert1-aux",
+        "--stage2-loss",
+        "output",
+    ],
     "medoe_reweighted_noaux_refine": [
         "--model",
         "medoe",

@@ -146,6 +146,9 @@ class TrainConfig(_Checked):
     # all of S_k, a class with no pixel in the batch at q = eps (SPEC §3); "present" = those of
     # S_k with pixels in the batch (a class missing from 8 crops is a sampling zero, not q = 0)
     kl_support: str = "set"
+    # expert 1's auxiliary term: over all C classes its L2 is zero, so it is the KL term alone;
+    # off, expert 1's loss is its CE alone (the baselines' loss) and alpha acts on experts 2..K
+    expert1_aux: bool = True
     expert_balance: float = (
         0.0  # tau of each expert's logit adjustment by its class prior over S_k (0 = plain CE, paper)
     )

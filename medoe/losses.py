@@ -187,12 +187,13 @@ def stage1_loss(
     expert_logits: Sequence[Tensor],
     target: Tensor,
     expert_sets: Tensor,
-    alpha: float = 0.2,
+    alpha: float | Sequence[float] = 0.2,
     ignore_index: int = 255,
     adjustments: Tensor | None = None,
     class_weights: Tensor | None = None,
     kl_present_only: bool = False,
 ) -> tuple[Tensor, list[ExpertLoss]]:
+    """sum_k L_k; `alpha` is one weight for every expert's auxiliary term or one per expert."""
     if expert_sets.dim() != 2 or len(expert_logits) != expert_sets.shape[0]:
         raise ValueError(
             f"got {len(expert_logits)} expert logits but expert_sets has shape {tuple(expert_sets.shape)}; "
@@ -203,12 +204,15 @@ def stage1_loss(
             raise ValueError(
                 f"{name} has shape {tuple(per_expert.shape)}, expected {tuple(expert_sets.shape)} (one row per expert)"
             )
+    alphas = [float(alpha)] * len(expert_logits) if isinstance(alpha, int | float) else list(alpha)
+    if len(alphas) != len(expert_logits):
+        raise ValueError(f"got {len(alphas)} alphas for {len(expert_logits)} experts; pass one or one per expert")
     none = [None] * len(expert_logits)
     rows = none if adjustments is None else list(adjustments)
     weights = none if class_weights is None else list(class_weights)
     parts = [
-        expert_loss(z, target, s, alpha, ignore_index, a, w, kl_present_only)
-        for z, s, a, w in zip(expert_logits, expert_sets, rows, weights, strict=True)
+        expert_loss(z, target, s, alpha_k, ignore_index, a, w, kl_present_only)
+        for z, s, alpha_k, a, w in zip(expert_logits, expert_sets, alphas, rows, weights, strict=True)
     ]
     total = torch.stack([p.total for p in parts]).sum()
     return total, parts

@@ -458,6 +458,22 @@ def test_stage1_loss_takes_the_kl_support_from_the_config(support):
     assert value.item() != pytest.approx(other.item(), rel=1e-4)  # two crops miss some class of every set
 
 
+def test_without_its_aux_term_expert1_trains_on_the_reweight_loss():
+    config, dataset, stats = tiny_val_split(model="medoe", expert_reweight=True)
+    torch.manual_seed(0)
+    model = MEDOE(config.network)
+    model.set_groups(stats.groups(config.network.group_thresholds))
+    model.eval()  # no dropout: the losses and the check below see the same logits
+    images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(2)]).float()
+    labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(2)]).long()
+    _, paper = train.StageLoss(model, config, 1, stats)(images, labels)
+    _, ablated = train.StageLoss(model, config.replace(expert1_aux=False), 1, stats)(images, labels)
+    logits = F.interpolate(model.expert_logits(images)[0], labels.shape[-2:], mode="bilinear")
+    reweight = weighted_ce(logits, labels, inverse_sqrt_frequency_weights(stats.pixel_counts)).item()
+    assert ablated["expert1"] == pytest.approx(reweight, rel=1e-5) and paper["expert1"] > reweight + 1e-4
+    assert paper["expert2"] == ablated["expert2"] and paper["expert3"] == ablated["expert3"]  # alpha acts on them
+
+
 def test_output_stage2_loss_is_a_stage2_field(tmp_path):
     common, work = tiny_run(tmp_path)
     assert train.main(common) == 0

@@ -147,6 +147,16 @@ def test_kl_over_present_classes_leaves_out_a_class_missing_from_the_batch():
     assert parts[0].kl.item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_stage1_loss_takes_one_alpha_per_expert():
+    sets = torch.stack([S_ALL, S_TAIL])
+    total, parts = stage1_loss([make_logits(), make_logits() * 2], TARGET, sets, alpha=[0.0, 0.5])
+    first, second = expert_loss(make_logits(), TARGET, S_ALL, 0.0), expert_loss(make_logits() * 2, TARGET, S_TAIL, 0.5)
+    assert parts[0].total.item() == pytest.approx(first.ce.item()) and first.kl.item() > 0  # its KL is left out
+    assert total.item() == pytest.approx(first.total.item() + second.total.item())
+    with pytest.raises(ValueError, match="got 3 alphas for 2 experts"):
+        stage1_loss([make_logits()] * 2, TARGET, sets, alpha=[0.2] * 3)
+
+
 def test_kl_zero_when_p_equals_q():
     # Uniform logits give p = (1/2, 1/2) over {2, 3}; two pixels of each label give q = (1/2, 1/2).
     target = torch.tensor([[[0, 2, 3], [3, 255, 2]]])

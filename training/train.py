@@ -91,6 +91,12 @@ def get_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
     parser.add_argument(
+        "--expert1-aux",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="expert 1's auxiliary (KL) term (off: its CE alone, alpha acts on experts 2..K)",
+    )
+    parser.add_argument(
         "--kl-support",
         choices=list(KL_SUPPORTS),
         help="the KL term over all of S_k (set, SPEC) or the classes with pixels in the batch (present)",
@@ -160,6 +166,7 @@ def config_from_args(args) -> TrainConfig:
         "num_workers": args.workers,
         "alpha": args.alpha,
         "kl_support": args.kl_support,
+        "expert1_aux": args.expert1_aux,
         "expert_balance": args.expert_balance,
         "expert_reweight": args.expert_reweight,
         "stage2_holdout": args.stage2_holdout,
@@ -224,7 +231,7 @@ class StageLoss(nn.Module):
                 logits,
                 labels,
                 model.expert_sets(),
-                config.alpha,
+                [config.alpha if k > 0 or config.expert1_aux else 0.0 for k in range(model.num_experts)],
                 config.network.ignore_index,
                 self.adjustments,
                 self.expert_weights,
