@@ -47,9 +47,13 @@ from training.plots import plot_alpha_sweep, plot_comparison
 
 DOMAINS = {"streets": "deeplabv3plus_tiny_synthetic_cpu", "aerial": "deeplabv3plus_tiny_aerial_cpu"}
 BASELINES = {"baseline": ["--model", "baseline"], "focal": ["--model", "focal"], "reweight": ["--model", "reweight"]}
+# The paper's losses, whatever the configs' defaults: plain CE experts, every one with its KL term
+# over its whole set, the decision maker fitted to the owner expert. Later flags of a run win.
+PAPER_LOSSES = ["--no-expert-reweight", "--expert1-aux", "--kl-support", "set", "--stage2-loss", "selection"]
 # The paper's MEDOE: plain CE experts, stage 2 on the images stage 1 fitted, a 1x1 decision maker,
 # p = sum_k s_k p_k, no selection balance.
 PAPER = [
+    *PAPER_LOSSES,
     "--expert-balance",
     "0",
     "--stage2-holdout",
@@ -62,6 +66,7 @@ PAPER = [
 ]
 # Every lever of docs/method.md §8 on.
 LEVERS = [
+    *PAPER_LOSSES,
     "--expert-balance",
     "1",
     "--stage2-holdout",
@@ -76,7 +81,16 @@ LEVERS = [
 ]
 # The paper's experts (its stage 1), combined by nested mixing with a 3x3 decision maker trained
 # on the true group frequencies (the best stage 2 on `val`, docs/method.md §8).
-GROUP_DECISION = ["--expert-balance", "0", "--stage2-holdout", "0", "--decision-kernel", "3", "--no-select-balance"]
+GROUP_DECISION = [
+    *PAPER_LOSSES,
+    "--expert-balance",
+    "0",
+    "--stage2-holdout",
+    "0",
+    "--decision-kernel",
+    "3",
+    "--no-select-balance",
+]
 NESTED = [*GROUP_DECISION, "--mixing", "nested"]
 # The same with expert 1's group mass as the prior (docs/method.md §8 `refine`).
 REFINE = [*GROUP_DECISION, "--mixing", "refine"]

@@ -203,3 +203,22 @@ def test_every_benchmark_run_is_a_valid_training_command(domain):
     for name, source in benchmark.SHARES_STAGE1.items():
         a, b = configs[name].to_dict(), configs[source].to_dict()
         assert {k for k in a if a[k] != b[k]} <= stage2, name
+
+
+def test_the_papers_runs_stay_the_papers_whatever_the_configs_defaults(tmp_path):
+    from bench import longtail as benchmark
+
+    shipped = json.loads((CONFIG_DIR / f"{benchmark.DOMAINS['streets']}.json").read_text())
+    recipe = {"expert_reweight": True, "expert1_aux": False, "kl_support": "present", "stage2_loss": "output"}
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps({**shipped, **recipe, "mixing": "refine"}))
+    for name in ("medoe_paper", "medoe_nested", "medoe_levers"):
+        flags = benchmark.MEDOE_RUNS[name]
+        config = train.config_from_args(train.get_args(["--config", str(path), "--work-dir", "w", *flags]))
+        assert (config.expert_reweight, config.expert1_aux, config.kl_support, config.stage2_loss) == (
+            False,
+            True,
+            "set",
+            "selection",
+        ), name
+    assert config.network.mixing == "nested"  # medoe_levers' own lever
