@@ -59,6 +59,11 @@ from training.common import (
 from training.evaluate import evaluate, format_table
 
 
+def add_switch(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """--name / --no-name overriding a boolean config field; absent (None) keeps the config's."""
+    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -77,12 +82,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage", type=int, choices=[1, 2], help="run only this MEDOE stage (2 needs DIR/stage1)")
     parser.add_argument("--batch-size", type=int, help="images per step and process")
     parser.add_argument("--lr", type=float, help="initial learning rate")
-    parser.add_argument(
-        "--select-balance",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="stage 2: inverse-frequency weights on the expert targets",
-    )
+    add_switch(parser, "--select-balance", "stage 2: inverse-frequency weights on the expert targets")
     parser.add_argument("--select-balance-power", type=float, help="exponent of those weights: share ** -power")
     parser.add_argument(
         "--stage2-loss",
@@ -90,11 +90,8 @@ def get_args(argv=None) -> argparse.Namespace:
         help="stage 2 fits the owner expert (selection, paper) or the mixture's likelihood of the label (output)",
     )
     parser.add_argument("--alpha", type=float, help="weight of the experts' auxiliary (L2 + KL) loss")
-    parser.add_argument(
-        "--expert1-aux",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="expert 1's auxiliary (KL) term (off: its CE alone, alpha acts on experts 2..K)",
+    add_switch(
+        parser, "--expert1-aux", "expert 1's auxiliary (KL) term (off: its CE alone, alpha acts on experts 2..K)"
     )
     parser.add_argument(
         "--kl-support",
@@ -104,11 +101,10 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--expert-balance", type=float, help="tau of the experts' logit adjustment by their class priors (0 = off)"
     )
-    parser.add_argument(
+    add_switch(
+        parser,
         "--expert-reweight",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="weight each expert's CE by 1/sqrt(class frequency) inside its set (the reweight baseline's loss)",
+        "weight each expert's CE by 1/sqrt(class frequency) inside its set (the reweight baseline's loss)",
     )
     parser.add_argument(
         "--stage2-holdout", type=float, help="share of training images held back from stage 1 for stage 2 (0 = off)"
@@ -116,18 +112,10 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--output-balance", type=float, help="tau of the post-hoc adjustment p(c) / prior(c)^tau (0 = off)"
     )
-    parser.add_argument(
-        "--stop-gradient",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="experts 2..K see detached features (off: their losses train the backbone too)",
+    add_switch(
+        parser, "--stop-gradient", "experts 2..K see detached features (off: their losses train the backbone too)"
     )
-    parser.add_argument(
-        "--decision-features",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the decision maker also reads the backbone's last feature map",
-    )
+    add_switch(parser, "--decision-features", "the decision maker also reads the backbone's last feature map")
     parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
     parser.add_argument("--mixing", choices=list(MIXINGS), help="how the experts are combined (docs/method.md §8)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
