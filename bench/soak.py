@@ -29,7 +29,7 @@ import psutil
 
 from bench import report as reporting
 from medoe.cli import CliParser, parse_dims
-from medoe.contract import IMAGE, LABELS, MODEL, SEGMENT, SEGMENT_OUTPUTS
+from medoe.contract import DEFAULT_OUTPUTS, IMAGE, IMAGES, LABELS, MODEL, SEGMENT, SEGMENT_OUTPUTS, triton_parameters
 from serving.processes import cmdline, descendants, stub_instance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,15 +140,14 @@ def prime(args, url: str, images) -> str:
     """Run min(concurrency, max_batch_size) images of each request shape as one batch, PRIME_ROUNDS
     times, on the model that `segment` calls, at the size `segment` sends it (its working_size).
     Says what it ran, or why it could not: then the soak goes on and counts what fails."""
-    from medoe.contract import DEFAULT_OUTPUTS, IMAGES, triton_parameters
     from serving.client import fetch_metadata
     from serving.processing import parse_working_size
 
     module = __import__(f"tritonclient.{args.protocol}", fromlist=["x"])
     client = module.InferenceServerClient(url)
     try:
-        json = {"as_json": True} if args.protocol == "grpc" else {}
-        segment = triton_parameters(client.get_model_config(SEGMENT, **json))
+        as_json = {"as_json": True} if args.protocol == "grpc" else {}
+        segment = triton_parameters(client.get_model_config(SEGMENT, **as_json))
         model, working_size = segment.get("model", MODEL), parse_working_size(segment.get("working_size", ""))
         meta = fetch_metadata(client, args.protocol, model)
         batch = min(args.concurrency, meta.max_batch_size or 1)

@@ -210,6 +210,12 @@ class StageLoss(nn.Module):
         if config.network.is_medoe and config.expert_reweight:
             expert_weights = expert_reweights(stats.pixel_counts, model.expert_sets())
         self.register_buffer("expert_weights", expert_weights, persistent=False)
+        # Each expert's weight of its auxiliary term (expert 1's is 0 without expert1_aux).
+        self.alphas = (
+            [config.alpha if k > 0 or config.expert1_aux else 0.0 for k in range(model.num_experts)]
+            if config.network.is_medoe
+            else []
+        )
 
     def forward(self, images, labels) -> tuple[torch.Tensor, dict[str, float]]:
         model, config, size = self.model, self.config, labels.shape[-2:]
@@ -219,7 +225,7 @@ class StageLoss(nn.Module):
                 logits,
                 labels,
                 model.expert_sets(),
-                [config.alpha if k > 0 or config.expert1_aux else 0.0 for k in range(model.num_experts)],
+                self.alphas,
                 config.network.ignore_index,
                 self.adjustments,
                 self.expert_weights,
