@@ -62,6 +62,7 @@ PAPER = [
     "1",
     "--mixing",
     "paper",
+    "--no-blend-within",
     "--no-select-balance",
 ]
 # Every lever of docs/method.md §8 on.
@@ -75,6 +76,7 @@ LEVERS = [
     "3",
     "--mixing",
     "nested",
+    "--no-blend-within",
     "--select-balance",
     "--select-balance-power",
     "0.5",
@@ -89,6 +91,7 @@ GROUP_DECISION = [
     "0",
     "--decision-kernel",
     "3",
+    "--no-blend-within",
     "--no-select-balance",
 ]
 NESTED = [*GROUP_DECISION, "--mixing", "nested"]
@@ -135,6 +138,18 @@ MEDOE_RUNS = {
         "--stage2-loss",
         "output",
     ],
+    # The same experts; inside each group the decision maker also blends expert 1's own
+    # distribution with the specialist's (§8 `blend_within`).
+    "medoe_reweighted_e1ce_blend": [
+        "--model",
+        "medoe",
+        *REFINE,
+        "--expert-reweight",
+        "--no-expert1-aux",
+        "--stage2-loss",
+        "output",
+        "--blend-within",
+    ],
     "medoe_reweighted_noaux_refine": [
         "--model",
         "medoe",
@@ -157,6 +172,7 @@ SHARES_STAGE1 = {
     "medoe_reweighted_nested_output": "medoe_reweighted",
     "medoe_reweighted_refine": "medoe_reweighted",
     "medoe_reweighted_kl_refine": "medoe_reweighted_kl",
+    "medoe_reweighted_e1ce_blend": "medoe_reweighted_e1ce_refine",
 }
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5

@@ -92,6 +92,9 @@ class ModelConfig(_Checked):
     # paper: p = sum_k s_k p_k | nested: s_k = chain-rule group prior + learned correction, p_k kept to
     # group k | refine: the same with expert 1's group mass as the prior (docs/method.md §8)
     mixing: str = "paper"
+    # nested/refine: inside each group k >= 2 the decision maker also blends expert 1's own distribution
+    # (kept to G_k) with expert k's, per pixel, so a specialist that is worse there than expert 1 costs nothing
+    blend_within: bool = False
     # tau of the post-hoc logit adjustment of the final probabilities, p(c) / prior(c)^tau with the
     # training pixel frequency as prior (Menon et al. 2021): 0 = off (paper), 1 = balanced decision
     output_balance: float = 0.0
@@ -121,6 +124,10 @@ class ModelConfig(_Checked):
             self.ignore_index >= self.num_classes,
             f"ignore_index={self.ignore_index}, expected a value >= num_classes={self.num_classes} (255): it is a "
             "class id",
+        )
+        _check(
+            not self.blend_within or self.mixing != "paper",
+            "blend_within=True needs mixing='nested' or 'refine' (the paper's mixing has no groups to blend inside)",
         )
 
     @property
@@ -191,6 +198,10 @@ class TrainConfig(_Checked):
     def validate(self) -> None:
         _check(isinstance(self.network, ModelConfig), f"network={self.network!r}, expected a ModelConfig")
         super().validate()
+        _check(
+            not self.network.blend_within or self.stage2_loss == "output",
+            f"blend_within=True needs stage2_loss='output', got {self.stage2_loss!r}: only that loss trains the blend",
+        )
 
     def replace(self, **changes) -> TrainConfig:
         """Flat field names, as in config.json: network fields go to `network`."""

@@ -49,7 +49,9 @@ class Expert(nn.Module):
 
 
 class DecisionMaker(nn.Module):
-    """Stage 2: `kxk conv (K*C -> hidden) -> ReLU -> 1x1 conv (hidden -> K)`.
+    """Stage 2: `kxk conv (K*C -> hidden) -> ReLU -> 1x1 conv (hidden -> outputs)`.
+
+    outputs = K selection logits, plus K-1 blend logits with blend_within (MEDOE.mixture).
 
     k = 1 is the paper's per-pixel decision; k = 3 also sees the neighbours' expert outputs,
     so a pixel inside an object the tail expert is sure about can follow that object. With
@@ -58,18 +60,26 @@ class DecisionMaker(nn.Module):
     experts say about it.
     """
 
-    def __init__(self, num_experts: int, num_classes: int, hidden: int, kernel: int = 1, feature_channels: int = 0):
+    def __init__(
+        self,
+        num_experts: int,
+        num_classes: int,
+        hidden: int,
+        kernel: int = 1,
+        feature_channels: int = 0,
+        outputs: int | None = None,
+    ):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(num_experts * num_classes, hidden, kernel, padding=kernel // 2),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, num_experts, 1),
+            nn.Conv2d(hidden, outputs or num_experts, 1),
         )
         # Only when on, so checkpoints without it keep their keys.
         self.project = nn.Conv2d(feature_channels, hidden, 1) if feature_channels else None
 
     def forward(self, expert_probs: Tensor, features: Tensor | None = None) -> Tensor:
-        # [N, K, C, h, w] (+ [N, F, h', w']) -> selection logits [N, K, h, w]
+        # [N, K, C, h, w] (+ [N, F, h', w']) -> [N, outputs, h, w]
         if self.project is None:  # through the Sequential, so exported node names stay as they were
             return self.net(expert_probs.flatten(1, 2))
         if features is None:
@@ -184,6 +194,7 @@ class MEDOE(SegmentationModel):
             config.decision_hidden,
             config.decision_kernel,
             self.backbone.channels[-1] if config.decision_features else 0,
+            config.num_experts + (config.num_experts - 1 if config.blend_within else 0),
         )
         if config.mixing != "paper":  # start from the group prior alone
             nn.init.zeros_(decision.net[-1].weight)
@@ -280,18 +291,47 @@ class MEDOE(SegmentationModel):
         kept = expert_probs * groups
         return kept / kept.sum(dim=2, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
 
+    def blended_distributions(self, expert_probs: Tensor, blend_logits: Tensor) -> Tensor:
+        """blend_within: group k's distribution is b_k q_1(.|G_k) + (1 - b_k) q_k(.|G_k), [N, K, C, h, w].
+
+        b_k = sigmoid(blend_logits[:, k - 2]) per pixel for k >= 2 (group 1's is expert 1's own).
+        Expert 1 sees every class and trains the backbone, so inside a group it can be the better
+        classifier (docs/method.md §8 measures it); the decision maker then learns whose word to
+        take there instead of always taking the specialist's. Zero logits start at the average.
+        """
+        specialists = self.expert_distributions(expert_probs)
+        groups = self.group_masks().to(expert_probs.dtype).view(1, self.num_experts, -1, 1, 1)
+        own = expert_probs[:, :1] * groups  # expert 1 kept to each group
+        own = own / own.sum(dim=2, keepdim=True).clamp_min(torch.finfo(own.dtype).tiny)
+        trust = torch.sigmoid(blend_logits).unsqueeze(2)  # [N, K-1, 1, h, w]
+        rest = trust * own[:, 1:] + (1 - trust) * specialists[:, 1:]
+        return torch.cat([specialists[:, :1], rest], dim=1)
+
+    def _decide(self, expert_probs: Tensor, features: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The selection logits [N, K, h, w] and, with blend_within, the blend logits [N, K-1, h, w]."""
+        raw = self.decision(expert_probs, features)
+        k = self.num_experts
+        select, blend = (raw[:, :k], raw[:, k:]) if self.config.blend_within else (raw, None)
+        if self.config.mixing == "paper":
+            return select, blend
+        # The decision maker learns a correction to the group prior (zero at initialisation).
+        return self.group_prior_logits(expert_probs) + select, blend
+
     def selection_logits(self, expert_probs: Tensor, features: Tensor | None = None) -> Tensor:
         """[N, K, h, w]; `features` (ExpertOutputs.features) only matter with decision_features."""
-        if self.config.mixing == "paper":
-            return self.decision(expert_probs, features)
-        # The decision maker learns a correction to the chain-rule prior (zero at initialisation).
-        return self.group_prior_logits(expert_probs) + self.decision(expert_probs, features)
+        return self._decide(expert_probs, features)[0]
 
     def mixture(self, expert_probs: Tensor, features: Tensor | None = None) -> Mixture:
         """What forward() and an "output" stage 2 share: the decision maker's weights and p_final."""
-        weights = torch.softmax(self.selection_logits(expert_probs, features), dim=1)
+        select, blend = self._decide(expert_probs, features)
+        weights = torch.softmax(select, dim=1)
+        kept = (
+            self.blended_distributions(expert_probs, blend)
+            if blend is not None
+            else self.expert_distributions(expert_probs)
+        )
         # p_final = sum_k s_k q_k; the weights sum to 1 so p_final is a distribution.
-        probs = (weights.unsqueeze(2) * self.expert_distributions(expert_probs)).sum(dim=1)
+        probs = (weights.unsqueeze(2) * kept).sum(dim=1)
         return Mixture(probs, weights)
 
     def forward(self, images: Tensor) -> Segmentation:

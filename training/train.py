@@ -118,6 +118,9 @@ def get_args(argv=None) -> argparse.Namespace:
     add_switch(parser, "--decision-features", "the decision maker also reads the backbone's last feature map")
     parser.add_argument("--decision-kernel", type=int, choices=[1, 3], help="decision maker's first conv: 1x1 or 3x3")
     parser.add_argument("--mixing", choices=list(MIXINGS), help="how the experts are combined (docs/method.md §8)")
+    add_switch(
+        parser, "--blend-within", "nested/refine: inside each group, blend expert 1's distribution with the expert's"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="training device")
     parser.add_argument("--seed", type=int, help="seed for data order, augmentation and init")
     parser.add_argument("--workers", type=int, help="DataLoader workers per process")
@@ -161,6 +164,7 @@ def config_from_args(args) -> TrainConfig:
         "decision_kernel": args.decision_kernel,
         "decision_features": args.decision_features,
         "mixing": args.mixing,
+        "blend_within": args.blend_within,
         "output_balance": args.output_balance,
         "stop_gradient": args.stop_gradient,
     }
@@ -170,7 +174,14 @@ def config_from_args(args) -> TrainConfig:
 # What stage 2 alone may change on a stage-1 checkpoint (of the run, of the network); the rest
 # (the held-back images included) was fixed when stage 1 ran.
 STAGE2_RUN_FIELDS = ("select_balance", "select_balance_power", "stage2_loss", "stage2_iters", "stage2_lr")
-STAGE2_NETWORK_FIELDS = ("decision_hidden", "decision_kernel", "decision_features", "mixing", "output_balance")
+STAGE2_NETWORK_FIELDS = (
+    "decision_hidden",
+    "decision_kernel",
+    "decision_features",
+    "mixing",
+    "blend_within",
+    "output_balance",
+)
 
 
 def stage2_run(stage1: TrainConfig, requested: TrainConfig) -> TrainConfig:
