@@ -198,10 +198,6 @@ class TrainConfig(_Checked):
     def validate(self) -> None:
         _check(isinstance(self.network, ModelConfig), f"network={self.network!r}, expected a ModelConfig")
         super().validate()
-        _check(
-            not self.network.blend_within or self.stage2_loss == "output",
-            f"blend_within=True needs stage2_loss='output', got {self.stage2_loss!r}: only that loss trains the blend",
-        )
 
     def replace(self, **changes) -> TrainConfig:
         """Flat field names, as in config.json: network fields go to `network`."""

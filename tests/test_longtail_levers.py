@@ -286,12 +286,14 @@ def test_blend_within_mixes_expert_ones_distribution_into_each_later_group_by_ha
     assert model.mixture(probs).weights.shape == (1, 3, 1, 1)  # the served weights stay K channels
 
 
-def test_blend_within_needs_groups_and_the_output_loss():
+def test_blend_within_needs_groups_and_training_needs_the_output_loss():
     with pytest.raises(ValueError, match=r"blend_within=True needs mixing='nested' or 'refine'"):
         ModelConfig(mixing="paper", blend_within=True)
-    network = ModelConfig(mixing="refine", blend_within=True)
+    args = train.get_args(["--work-dir", "w", "--mixing", "refine", "--blend-within", "--stage2-loss", "selection"])
     with pytest.raises(ValueError, match=r"blend_within=True needs stage2_loss='output', got 'selection': only that"):
-        TrainConfig(network=network, stage2_loss="selection")
+        train.config_from_args(args)
+    # A network-only checkpoint config (the run's fields at their defaults) stays loadable.
+    TrainConfig(network=ModelConfig(mixing="refine", blend_within=True), stage2_loss="selection").validate()
 
 
 def test_nested_forward_is_a_distribution_and_the_paper_mixing_is_unchanged():

@@ -168,7 +168,13 @@ def config_from_args(args) -> TrainConfig:
         "output_balance": args.output_balance,
         "stop_gradient": args.stop_gradient,
     }
-    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    # A training rule, not a network one: a blended network loads and serves whatever trained it.
+    if config.network.blend_within and config.stage2_loss != "output":
+        raise ValueError(
+            f"blend_within=True needs stage2_loss='output', got {config.stage2_loss!r}: only that loss trains the blend"
+        )
+    return config
 
 
 # What stage 2 alone may change on a stage-1 checkpoint (of the run, of the network); the rest
