@@ -1,18 +1,19 @@
 """The long-tail benchmark: baselines and MEDOE with the same backbone, data and budget, on two
 generated domains (street scenes and aerial suburbs), evaluated on their held-out `test` splits.
 
-    python -m bench.longtail                  # 300 + 200 iterations: ~45 minutes on 2 quiet cores (estimated)
+    python -m bench.longtail                  # 300 + 200 iterations: 56 minutes on 2 cores (measured 2026-12-03)
     python -m bench.longtail --alpha-sweep    # + Figure 5 (three more MEDOE runs)
     python -m bench.longtail --split val --out-dir work/tune        # for tuning
     python -m bench.longtail --split val --seed 1 --work-dir work/seed1 --out-dir work/seed1   # seed spread
     python -m bench.longtail --device cuda --iters 8000
 
 Per domain: baseline, reweight (`--only ... focal` adds focal), `medoe_paper` (the paper's
-recipe, every lever of docs/method.md §8 off), `medoe` (the configs' recipe: what ships; the
-paper's stage 1 with balanced selection), `medoe_nested` (that stage 1 again, nested mixing and a
-3x3 decision maker) and `medoe_levers` (every lever on); `--only` can also name the
-`medoe_reweighted*` runs (experts with reweight's loss inside their sets, with and without
-`decision_features`: docs/method.md's third round). For every MEDOE run the diagnostics of
+recipe, every lever of docs/method.md §8 off), `medoe` (the configs' recipe: what ships;
+re-weighted experts, expert 1 without its KL term, refine mixing with the blend inside the
+groups, stage 2 fitted to the output: §8's sixth round), `medoe_nested` (the paper's stage 1
+again, nested mixing and a 3x3 decision maker) and `medoe_levers` (the levers of the first
+round on); `--only` can also name the `medoe_reweighted*` runs (docs/method.md's third to
+sixth rounds). For every MEDOE run the diagnostics of
 training/diagnostics.py: each expert alone, the oracle, the paper's
 user-specified ensembles (Table 6), each expert's mAcc, bias and calibration (Table 9) and the
 decision maker's selection accuracy on its own training images against held-out ones. With
@@ -97,6 +98,15 @@ GROUP_DECISION = [
 NESTED = [*GROUP_DECISION, "--mixing", "nested"]
 # The same with expert 1's group mass as the prior (docs/method.md §8 `refine`).
 REFINE = [*GROUP_DECISION, "--mixing", "refine"]
+E1CE_REFINE = [
+    "--model",
+    "medoe",
+    *REFINE,
+    "--expert-reweight",
+    "--no-expert1-aux",
+    "--stage2-loss",
+    "output",
+]
 MEDOE_RUNS = {
     "medoe_paper": ["--model", "medoe", *PAPER],
     "medoe": ["--model", "medoe"],
@@ -129,27 +139,10 @@ MEDOE_RUNS = {
         "output",
     ],
     # Expert 1 without its KL term (its loss exactly reweight's), experts 2..K with theirs.
-    "medoe_reweighted_e1ce_refine": [
-        "--model",
-        "medoe",
-        *REFINE,
-        "--expert-reweight",
-        "--no-expert1-aux",
-        "--stage2-loss",
-        "output",
-    ],
+    "medoe_reweighted_e1ce_refine": E1CE_REFINE,
     # The same experts; inside each group the decision maker also blends expert 1's own
-    # distribution with the specialist's (§8 `blend_within`).
-    "medoe_reweighted_e1ce_blend": [
-        "--model",
-        "medoe",
-        *REFINE,
-        "--expert-reweight",
-        "--no-expert1-aux",
-        "--stage2-loss",
-        "output",
-        "--blend-within",
-    ],
+    # distribution with the specialist's (§8 `blend_within`). What the configs ship.
+    "medoe_reweighted_e1ce_blend": [*E1CE_REFINE, "--blend-within"],
     "medoe_reweighted_noaux_refine": [
         "--model",
         "medoe",
@@ -163,7 +156,6 @@ MEDOE_RUNS = {
 }
 # These differ from another run in stage 2 only and reuse its stage 1.
 SHARES_STAGE1 = {
-    "medoe": "medoe_paper",
     "medoe_nested": "medoe_paper",
     "medoe_reweighted_nested": "medoe_reweighted",
     "medoe_reweighted_features": "medoe_reweighted",
@@ -176,7 +168,7 @@ SHARES_STAGE1 = {
 }
 DEFAULT_RUNS = ("baseline", "reweight", "medoe_paper", "medoe", "medoe_nested", "medoe_levers")  # focal: with --only
 ALPHAS = (0.0, 0.1, 0.2, 0.5)  # Figure 5
-# The CPU budget: every run, both domains, in an estimated 45 minutes on 2 quiet cores (60 at most, issue 12).
+# The CPU budget: every run, both domains, in 56 minutes on 2 cores (measured 2026-12-03; 60 at most, issue 12).
 CPU_ITERS, CPU_STAGE2_ITERS = 300, 200
 STAGE2_TRAIN_IMAGES = 50  # of the decision maker's own training images, for train-vs-held-out selection
 

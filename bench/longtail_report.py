@@ -107,8 +107,10 @@ def markdown(report: dict) -> list[str]:
     lines = reporting.header_markdown("Long-tail benchmark: MEDOE vs. baselines on two generated domains", report)
     lines += [
         "Percent. `medoe_paper` is the paper's recipe (plain CE experts, stage 2 on stage 1's images, a 1x1 "
-        "decision maker, p = sum s_k p_k); `medoe` the shipped one (the same stage 1, selection targets "
-        "balanced by share^-0.5); `medoe_nested` the same experts mixed by nested mixing with a 3x3 decision "
+        "decision maker, p = sum s_k p_k); `medoe` the shipped one (experts re-weighted inside their sets, "
+        "expert 1 without its KL term, expert 1's group decision refined inside each group by a learned blend "
+        "of expert 1 and the group's expert, a 3x3 decision maker fitted to the output: docs/method.md §8, "
+        "sixth round); `medoe_nested` the paper's experts mixed by nested mixing with a 3x3 decision "
         "maker on the true group frequencies; `medoe_levers` every lever of docs/method.md §8 (nested mixing, "
         "stage-2 holdout 0.2, logit-adjusted experts, 3x3 decision maker, balanced selection). Issue 12's goals "
         "are the shipped run's; the other variants' are listed beside them.",
