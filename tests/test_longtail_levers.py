@@ -184,7 +184,15 @@ def tiny_run(tmp_path, **changes) -> tuple[list[str], object]:
 
 
 def test_stage2_alone_rebuilds_the_decision_maker_and_records_it(tmp_path):
-    common, work = tiny_run(tmp_path, decision_kernel=1, stage2_holdout=0.25, expert_balance=1.0)
+    # The shipped configs' opposite of each field the flags below set, so each flag is seen to act.
+    common, work = tiny_run(
+        tmp_path,
+        decision_kernel=1,
+        stage2_holdout=0.25,
+        expert_balance=1.0,
+        expert_reweight=False,
+        select_balance=True,
+    )
     assert train.main([*common, "--expert-reweight"]) == 0
     first = json.loads((work / "final" / "config.json").read_text())
     assert first["decision_kernel"] == 1 and first["stage2_holdout"] == 0.25 and first["expert_balance"] == 1.0
@@ -511,7 +519,8 @@ def test_without_its_aux_term_expert1_trains_on_the_reweight_loss():
 
 
 def test_output_stage2_loss_is_a_stage2_field(tmp_path):
-    common, work = tiny_run(tmp_path)
+    # A first run with the paper's stage 2 (the shipped configs' is the output loss with the blend).
+    common, work = tiny_run(tmp_path, stage2_loss="selection", mixing="paper", blend_within=False)
     assert train.main(common) == 0
     assert json.loads((work / "final" / "config.json").read_text())["stage2_loss"] == "selection"
     stage2 = ["--stage", "2", "--stage2-loss", "output", "--mixing", "refine", "--blend-within"]
