@@ -300,9 +300,7 @@ class MEDOE(SegmentationModel):
         take there instead of always taking the specialist's. Zero logits start at the average.
         """
         specialists = self.expert_distributions(expert_probs)
-        groups = self.group_masks().to(expert_probs.dtype).view(1, self.num_experts, -1, 1, 1)
-        own = expert_probs[:, :1] * groups  # expert 1 kept to each group
-        own = own / own.sum(dim=2, keepdim=True).clamp_min(torch.finfo(own.dtype).tiny)
+        own = self.expert_distributions(expert_probs[:, :1].expand_as(expert_probs))  # expert 1 kept to each group
         trust = torch.sigmoid(blend_logits).unsqueeze(2)  # [N, K-1, 1, h, w]
         rest = trust * own[:, 1:] + (1 - trust) * specialists[:, 1:]
         return torch.cat([specialists[:, :1], rest], dim=1)
