@@ -14,6 +14,7 @@ RULES = (
     "expert3",
     "expert4",
     "oracle",
+    "oracle_expert1",
     "softmax_threshold",
     "max_confidence",
     "group_average",

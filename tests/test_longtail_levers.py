@@ -161,6 +161,12 @@ def test_diagnostics_agree_with_evaluate(mixing, features):
     assert [e["expert"] for e in experts] == [1, 2, 3]
     assert sum(e["owned_pixels"] for e in experts) == 6 * 32 * 64
     assert ("group_prior" in report["rules"]) == (mixing != "paper")
+    assert ("oracle_expert1" in report["rules"]) == (mixing != "paper")
+    if mixing != "paper":  # kept to the true group, a pixel expert 1 gets right stays right
+        kept, alone = report["rules"]["oracle_expert1"]["per_class"], report["rules"]["expert1"]["per_class"]
+        for a, b in zip(kept, alone, strict=True):
+            assert b["Acc"] is None or a["Acc"] >= b["Acc"] - 1e-9
+        assert report["rules"]["oracle_expert1"]["mAcc"] > report["rules"]["expert1"]["mAcc"]
     for e in experts:
         assert 0 <= e["selection_accuracy"] <= 100 and 0 <= e["ece"] <= 100
 

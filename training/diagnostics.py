@@ -9,6 +9,9 @@ Rules, all on the experts' probabilities resized to the label size:
 - `group_prior` (nested and refine mixing): the group prior without the learned correction.
 - `expertK`: expert K alone, argmax over all C classes.
 - `oracle`: each pixel takes the expert that owns its true class (an upper bound).
+- `oracle_expert1` (nested and refine mixing): expert 1 kept to each pixel's true group, the
+  oracle with expert 1 in every group's place; against `oracle` it says whether the group's
+  expert is the better classifier inside its group.
 - `softmax_threshold`: the most specialised expert whose top in-set probability exceeds
   beta = 0.3 decides, expert 1 otherwise (the paper's "Softmax method").
 - `max_confidence`: the expert with the highest top probability decides ("Argmax method").
@@ -88,6 +91,9 @@ def expert_diagnostics(
             prior = torch.softmax(model.group_prior_logits(probs), dim=1)
             rules["group_prior"] = resize(model.balanced((prior.unsqueeze(2) * mixed).sum(1)), size).argmax(1)
         rules["oracle"] = model.balanced((oracle.unsqueeze(2) * full_mixed).sum(1)).argmax(1)
+        if model.config.mixing != "paper":
+            own = model.expert_distributions(full[:, :1].expand_as(full))  # expert 1 kept to each group
+            rules["oracle_expert1"] = model.balanced((oracle.unsqueeze(2) * own).sum(1)).argmax(1)
         weights = resize(moe.weights, size)
         for name, predicted in rules.items():
             matrices.setdefault(name, ConfusionMatrix(c, ignore, device)).update(predicted, labels)
